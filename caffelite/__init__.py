@@ -1,0 +1,1 @@
+"""caffelite: a Caffe-compatible deep learning framework in Python."""

@@ -1,0 +1,310 @@
+"""The ``caffelite`` command: train, test, time and device_query, as Caffe's ``caffe`` tool.
+
+Every flag is accepted as ``--flag`` and as Caffe's ``-flag``. A user mistake
+prints one line (file, line, layer, what to do) and exits with the error's code
+(2 config, 3 data, 4 training); ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from typing import Sequence
+
+from .errors import CaffeliteError, ConfigError
+
+log = logging.getLogger("caffelite")
+
+EFFECTS = ("stop", "snapshot", "none")
+COMMANDS = ("train", "test", "time", "device_query")
+
+
+# ---- argument parsing ---------------------------------------------------------------
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--name`` and Caffe's single-dash ``-name`` for the same option."""
+    parser.add_argument(f"--{name}", f"-{name}", dest=name, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "gpu", default=None, help="comma-separated device ids, or 'all'")
+    _flag(parser, "level", type=int, default=0, help="net state level")
+    _flag(parser, "stage", default="", help="comma-separated net state stages")
+    _flag(parser, "plugin", action="append", default=[], help="import MODULE to register its layers")
+    _flag(parser, "debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caffelite", description="Caffe-style training from YAML or prototxt files.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train or fine-tune a model")
+    _flag(train, "solver", required=True, help="solver file (.yaml or .prototxt)")
+    _flag(train, "weights", default=None, help="comma-separated weight files to start from")
+    _flag(train, "snapshot", default=None, help="a .solverstate to resume from")
+    _flag(train, "sigint_effect", choices=EFFECTS, default="stop", help="what Ctrl-C does")
+    _flag(train, "sighup_effect", choices=EFFECTS, default="snapshot", help="what SIGHUP does")
+    _flag(train, "set", action="append", default=[], metavar="KEY=VALUE", help="override a solver field")
+    _common(train)
+
+    test = sub.add_parser("test", help="score a model")
+    _flag(test, "model", required=True, help="net file")
+    _flag(test, "weights", required=True, help="comma-separated weight files")
+    _flag(test, "iterations", type=int, default=50, help="batches to score")
+    _common(test)
+
+    timing = sub.add_parser("time", help="benchmark a model's execution time, layer by layer")
+    _flag(timing, "model", required=True, help="net file")
+    _flag(timing, "weights", default=None, help="optional weight files")
+    _flag(timing, "iterations", type=int, default=50, help="timed iterations")
+    _flag(timing, "phase", choices=("TRAIN", "TEST"), default="TRAIN", help="net phase")
+    _common(timing)
+
+    query = sub.add_parser("device_query", help="show GPU diagnostics")
+    _common(query)
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------
+def _device(args, solver_param=None):
+    from .backend import CPU, Device, gpu_available  # noqa: PLC0415
+
+    spec = args.gpu
+    if spec is None and solver_param is not None and solver_param.solver_mode == 1:  # GPU
+        spec = str(solver_param.device_id)
+    if spec is None:
+        return CPU
+    if spec == "all":
+        if not gpu_available():
+            raise ConfigError("--gpu all: no GPU found", hint="run without --gpu to use the CPU")
+        spec = "0"
+    ids = [s for s in spec.split(",") if s.strip()]
+    if len(ids) > 1:
+        raise ConfigError(f"--gpu {spec}: training on several devices is not available yet",
+                          hint="pass one device id")
+    try:
+        return Device.gpu(int(ids[0]))
+    except ValueError:
+        raise ConfigError(f"--gpu '{spec}' is not a device id", hint="for example --gpu 0") from None
+
+
+def _stages(args) -> list[str]:
+    return [s for s in args.stage.split(",") if s]
+
+
+def cmd_train(args) -> int:
+    from . import config  # noqa: PLC0415
+    from .io.weights import copy_weights  # noqa: PLC0415
+    from .solvers.base import create_solver  # noqa: PLC0415
+
+    if args.weights and args.snapshot:
+        raise ConfigError("give either --weights or --snapshot, not both",
+                          hint="--snapshot resumes a run; --weights starts a new one from trained weights")
+    param = config.load_solver(args.solver, args.set)
+    param.train_state.level = args.level
+    param.train_state.stage.extend(_stages(args))
+    device = _device(args, param)
+    solver = create_solver(param, source=args.solver, device=device)
+    weights = args.weights or ",".join(param.weights)
+    if weights and not args.snapshot:
+        copy_weights(solver.net, weights)
+        for net in solver.test_nets:
+            copy_weights(net, weights)
+    _install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
+    try:
+        solver.solve(resume_file=args.snapshot)
+    finally:
+        solver.close()
+    return 0
+
+
+def _install_signal_handlers(solver, sigint_effect: str, sighup_effect: str) -> None:
+    def handler_for(effect: str):
+        def handle(signum, frame):
+            if effect == "stop":
+                solver.request_stop()
+            elif effect == "snapshot":
+                solver.request_snapshot()
+        return handle
+
+    signal.signal(signal.SIGINT, handler_for(sigint_effect))
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, handler_for(sighup_effect))
+
+
+def _load_net(args, phase: int):
+    from . import config  # noqa: PLC0415
+    from .io.weights import copy_weights  # noqa: PLC0415
+    from .net import Net  # noqa: PLC0415
+
+    param = config.load_net(args.model)
+    net = Net(param, phase=phase, level=args.level, stages=_stages(args),
+              device=_device(args), source=args.model)
+    if args.weights:
+        copy_weights(net, args.weights)
+    return net
+
+
+def cmd_test(args) -> int:
+    from .layers.base import TEST  # noqa: PLC0415
+
+    if args.iterations < 1:
+        raise ConfigError("--iterations must be at least 1")
+    net = _load_net(args, TEST)
+    log.info("Running for %d iterations.", args.iterations)
+    scores: list[float] = []
+    names: list[str] = []
+    weights: list[float] = []
+    total_loss = 0.0
+    try:
+        for i in range(args.iterations):
+            loss = net.forward()
+            total_loss += loss
+            k = 0
+            for name, blob in zip(net.output_blob_names, net.output_blobs):
+                for value in blob.cpu_data().ravel().tolist():
+                    if i == 0:
+                        scores.append(value)
+                        names.append(name)
+                        weights.append(net.blob_loss_weights.get(name, 0.0))
+                    else:
+                        scores[k] += value
+                    log.info("Batch %d, %s = %s", i, name, _g(value))
+                    k += 1
+    finally:
+        net.close()
+    log.info("Loss: %s", _g(total_loss / args.iterations))
+    for name, score, weight in zip(names, scores, weights):
+        mean = score / args.iterations
+        suffix = f" (* {_g(weight)} = {_g(weight * mean)} loss)" if weight else ""
+        log.info("%s = %s%s", name, _g(mean), suffix)
+    return 0
+
+
+def cmd_time(args) -> int:
+    from .layers.base import TEST, TRAIN  # noqa: PLC0415
+
+    if args.iterations < 1:
+        raise ConfigError("--iterations must be at least 1")
+    net = _load_net(args, TRAIN if args.phase == "TRAIN" else TEST)
+    try:
+        log.info("Performing Forward")
+        log.info("Initial loss: %s", _g(net.forward()))
+        log.info("Performing Backward")
+        net.backward()
+        n = len(net.layers)
+        fwd, bwd = [0.0] * n, [0.0] * n
+        sync = _synchronizer(net)
+        log.info("*** Benchmark begins ***")
+        log.info("Testing for %d iterations.", args.iterations)
+        total_start = time.perf_counter()
+        fwd_total = bwd_total = 0.0
+        for it in range(args.iterations):
+            start = time.perf_counter()
+            for i, layer in enumerate(net.layers):
+                t0 = time.perf_counter()
+                layer.reshape(net.bottom_vecs[i], net.top_vecs[i])
+                layer.forward(net.bottom_vecs[i], net.top_vecs[i])
+                sync()
+                fwd[i] += time.perf_counter() - t0
+            mid = time.perf_counter()
+            for i in reversed(range(n)):
+                if not net.layer_need_backward[i]:
+                    continue
+                t0 = time.perf_counter()
+                net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+                sync()
+                bwd[i] += time.perf_counter() - t0
+            end = time.perf_counter()
+            fwd_total += mid - start
+            bwd_total += end - mid
+            log.info("Iteration: %d forward-backward time: %.3f ms.", it + 1, (end - start) * 1e3)
+        total = time.perf_counter() - total_start
+        log.info("Average time per layer: ")
+        width = max(len(name) for name in net.layer_names)
+        for i, name in enumerate(net.layer_names):
+            log.info("%*s\tforward: %.4f ms.", width, name, fwd[i] / args.iterations * 1e3)
+            log.info("%*s\tbackward: %.4f ms.", width, name, bwd[i] / args.iterations * 1e3)
+        log.info("Average Forward pass: %.4f ms.", fwd_total / args.iterations * 1e3)
+        log.info("Average Backward pass: %.4f ms.", bwd_total / args.iterations * 1e3)
+        log.info("Average Forward-Backward: %.4f ms.", (fwd_total + bwd_total) / args.iterations * 1e3)
+        log.info("Total Time: %.3f ms.", total * 1e3)
+        log.info("*** Benchmark ends ***")
+    finally:
+        net.close()
+    return 0
+
+
+def _synchronizer(net):
+    """A function that waits for the device, so per-layer GPU timings are real."""
+    if not net.ctx.device.is_gpu:
+        return lambda: None
+    cp = net.ctx.xp
+    return cp.cuda.get_current_stream().synchronize
+
+
+def cmd_device_query(args) -> int:
+    from .backend import cupy_module, gpu_available  # noqa: PLC0415
+
+    if not gpu_available():
+        print("No GPU available: CuPy is not installed or no CUDA device is visible. "
+              "caffelite runs on the CPU; install 'caffelite[gpu]' on a machine with an NVIDIA GPU.")
+        return 0
+    cp = cupy_module()
+    ids = range(cp.cuda.runtime.getDeviceCount()) if args.gpu in (None, "all") else \
+        [int(s) for s in args.gpu.split(",")]
+    for i in ids:
+        props = cp.cuda.runtime.getDeviceProperties(i)
+        free, total = cp.cuda.Device(i).mem_info
+        log.info("Device id:                     %d", i)
+        log.info("Name:                          %s", props["name"].decode())
+        log.info("Compute capability:            %d.%d", props["major"], props["minor"])
+        log.info("Total global memory:           %d (%.1f GiB, %.1f GiB free)", total, total / 2**30, free / 2**30)
+        log.info("Multiprocessors:               %d", props["multiProcessorCount"])
+    log.info("CuPy version:                  %s", cp.__version__)
+    log.info("CUDA runtime version:          %d", cp.cuda.runtime.runtimeGetVersion())
+    return 0
+
+
+def _g(value: float) -> str:
+    """Numbers as Caffe's logs print them (C++ stream default: 6 significant digits)."""
+    return f"{value:.6g}"
+
+
+HANDLERS = {"train": cmd_train, "test": cmd_test, "time": cmd_time, "device_query": cmd_device_query}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .log import setup_logging  # noqa: PLC0415
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging()
+    try:
+        from .registry import load_plugin  # noqa: PLC0415
+
+        for module in args.plugin:
+            load_plugin(module)
+        return HANDLERS[args.command](args)
+    except CaffeliteError as exc:
+        if args.debug:
+            raise
+        print(f"caffelite {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("caffelite: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line unless --debug
+        if args.debug:
+            raise
+        print(f"caffelite {args.command}: internal error: {type(exc).__name__}: {exc} "
+              f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

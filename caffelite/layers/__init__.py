@@ -1,0 +1,12 @@
+"""Layer families. Every module in this package is imported on first use of the
+registry, so adding a layer is one new file (or one function in a family file)."""
+import importlib
+import pkgutil
+
+from .base import TRAIN, TEST, DataLayer, Layer, LayerContext, LossLayer, NeuronLayer
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["TRAIN", "TEST", "Layer", "LayerContext", "NeuronLayer", "LossLayer", "DataLayer"]
