@@ -183,66 +183,11 @@ class Net:
 
         self._param_state = _ParamTable()
         for layer_id, lp in enumerate(param.layer):
-            if not lp.type:
-                raise ConfigError("has no type", layer=lp.name, hint="add 'type: <LayerType>'")
-            layer = LAYERS.get(lp.type)(lp, self.ctx)
-            if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
-                raise ConfigError(f"has {len(lp.propagate_down)} propagate_down values for "
-                                  f"{len(lp.bottom)} bottoms", layer=lp.name,
-                                  hint="give one propagate_down per bottom, or none")
-            bottoms, bottom_need = [], []
-            need_backward = False
-            for j, blob_name in enumerate(lp.bottom):
-                if blob_name not in available:
-                    raise ConfigError(f"unknown bottom blob '{blob_name}' (bottom {j})", layer=lp.name,
-                                      hint="a bottom must be the top of an earlier layer in this phase")
-                available.discard(blob_name)
-                bottoms.append(self.blobs[blob_name])
-                need = blob_need_backward[blob_name]
-                bottom_need.append(bool(lp.propagate_down[j]) if lp.propagate_down else need)
-                need_backward |= need
-            tops = []
-            for j, blob_name in enumerate(lp.top):
-                in_place = j < len(lp.bottom) and lp.bottom[j] == blob_name
-                if in_place:
-                    blob = self.blobs[blob_name]
-                elif blob_name in self.blobs:
-                    raise ConfigError(f"top '{blob_name}' is produced by more than one layer",
-                                      layer=lp.name,
-                                      hint="rename this top, or write it in place (top == bottom)")
-                else:
-                    blob = Blob((), self.ctx.dtype, self.ctx.device, name=blob_name)
-                    self.blobs[blob_name] = blob
-                    blob_need_backward[blob_name] = False
-                available.add(blob_name)
-                tops.append(blob)
             try:
-                layer.layer_setup(bottoms, tops)
+                self._append_layer(layer_id, lp, available, blob_need_backward)
             except CaffeliteError as exc:
                 exc.layer = exc.layer or lp.name
                 raise
-            for j, blob_name in enumerate(lp.top):
-                weight = layer.loss_weights[j]
-                self.blob_loss_weights[blob_name] = weight
-                if weight:
-                    self._loss_tops.append((tops[j], weight))
-            for param_id in range(len(layer.blobs)):
-                spec = lp.param[param_id] if param_id < len(lp.param) else None
-                need = spec is None or spec.lr_mult != 0
-                layer.param_propagate_down[param_id] = need
-                need_backward |= need
-                self._param_state.append(self, layer_id, layer, param_id, spec)
-            if need_backward:
-                for blob_name in lp.top:
-                    blob_need_backward[blob_name] = True
-            self.layers.append(layer)
-            self.layer_names.append(lp.name)
-            self.bottom_vecs.append(bottoms)
-            self.top_vecs.append(tops)
-            self.bottom_ids.append(list(lp.bottom))
-            self.top_ids.append(list(lp.top))
-            self.bottom_need_backward.append(bottom_need)
-            self.layer_need_backward.append(need_backward)
 
         self._prune_backward(blob_need_backward)
         if param.force_backward:
@@ -252,6 +197,65 @@ class Net:
         self.output_blobs = [self.blobs[n] for n in self.output_blob_names]
         self._param_state.share_weights()
         self.layer_by_name = dict(zip(self.layer_names, self.layers))
+
+    def _append_layer(self, layer_id: int, lp, available: set, blob_need_backward: dict) -> None:
+        """Create one layer, wire its bottoms and tops, set it up, register its params."""
+        if not lp.type:
+            raise ConfigError("has no type", layer=lp.name, hint="add 'type: <LayerType>'")
+        layer = LAYERS.get(lp.type)(lp, self.ctx)
+        if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
+            raise ConfigError(f"has {len(lp.propagate_down)} propagate_down values for "
+                              f"{len(lp.bottom)} bottoms", layer=lp.name,
+                              hint="give one propagate_down per bottom, or none")
+        bottoms, bottom_need = [], []
+        need_backward = False
+        for j, blob_name in enumerate(lp.bottom):
+            if blob_name not in available:
+                raise ConfigError(f"unknown bottom blob '{blob_name}' (bottom {j})", layer=lp.name,
+                                  hint="a bottom must be the top of an earlier layer in this phase")
+            available.discard(blob_name)
+            bottoms.append(self.blobs[blob_name])
+            need = blob_need_backward[blob_name]
+            bottom_need.append(bool(lp.propagate_down[j]) if lp.propagate_down else need)
+            need_backward |= need
+        tops = []
+        for j, blob_name in enumerate(lp.top):
+            in_place = j < len(lp.bottom) and lp.bottom[j] == blob_name
+            if in_place:
+                blob = self.blobs[blob_name]
+            elif blob_name in self.blobs:
+                raise ConfigError(f"top '{blob_name}' is produced by more than one layer",
+                                  layer=lp.name,
+                                  hint="rename this top, or write it in place (top == bottom)")
+            else:
+                blob = Blob((), self.ctx.dtype, self.ctx.device, name=blob_name)
+                self.blobs[blob_name] = blob
+                blob_need_backward[blob_name] = False
+            available.add(blob_name)
+            tops.append(blob)
+        layer.layer_setup(bottoms, tops)
+        for j, blob_name in enumerate(lp.top):
+            weight = layer.loss_weights[j]
+            self.blob_loss_weights[blob_name] = weight
+            if weight:
+                self._loss_tops.append((tops[j], weight))
+        for param_id in range(len(layer.blobs)):
+            spec = lp.param[param_id] if param_id < len(lp.param) else None
+            need = spec is None or spec.lr_mult != 0
+            layer.param_propagate_down[param_id] = need
+            need_backward |= need
+            self._param_state.append(self, layer_id, layer, param_id, spec)
+        if need_backward:
+            for blob_name in lp.top:
+                blob_need_backward[blob_name] = True
+        self.layers.append(layer)
+        self.layer_names.append(lp.name)
+        self.bottom_vecs.append(bottoms)
+        self.top_vecs.append(tops)
+        self.bottom_ids.append(list(lp.bottom))
+        self.top_ids.append(list(lp.top))
+        self.bottom_need_backward.append(bottom_need)
+        self.layer_need_backward.append(need_backward)
 
     def _prune_backward(self, blob_need_backward: dict) -> None:
         """Skip backward for layers that feed no loss (Caffe's Init, second pass)."""
