@@ -1,0 +1,125 @@
+"""BatchNorm: normalise each channel to zero mean and unit variance (no learned scale/shift).
+
+Bottom and top (N, C, ...) or (N, C) (a 1-axis bottom is one channel); the
+statistics of channel c run over N and all spatial positions, m = count / C
+values. Three blobs, never learned (lr 0, no gradient): running mean sum (C,),
+running variance sum (C,) and the scale factor (1,) they are divided by.
+
+TRAIN (use_global_stats false, the default in TRAIN)::
+
+    mean = E[x], var = E[(x - mean)^2]            (biased, for normalising)
+    y = (x - mean) / sqrt(var + eps)
+    factor = factor * maf + 1;  mean_sum = mean_sum * maf + mean
+    var_sum = var_sum * maf + m / (m - 1) * var   (m / (m - 1) is 1 when m == 1)
+    dx = (dy - E[dy] - y * E[dy * y]) / sqrt(var + eps)
+
+Global stats (the default in TEST): mean = mean_sum / factor, var = var_sum / factor
+(both 0 while factor is 0), y = (x - mean) / sqrt(var + eps), dx = dy / sqrt(var + eps).
+Runs in place (top is bottom); E[] is over N and space per channel.
+"""
+from __future__ import annotations
+
+from ..registry import register_layer
+from .base import TEST, Layer
+from .scale_bias import keep_copy, sum_outer_inner
+
+
+@register_layer("BatchNorm")
+class BatchNormLayer(Layer):
+    num_bottom = 1
+    num_top = 1
+    param_name = "batch_norm_param"
+
+    def setup(self, bottom, top):
+        p = self.param
+        self.use_global_stats = (p.use_global_stats if p.HasField("use_global_stats")
+                                 else self.phase == TEST)
+        self.maf = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        self.blobs = [self.make_blob((self.channels,), f"{self.name}_mean"),
+                      self.make_blob((self.channels,), f"{self.name}_variance"),
+                      self.make_blob((1,), f"{self.name}_scale_factor")]
+        for blob in self.blobs:
+            blob.set_data(0)
+        # Running statistics, not parameters: as Caffe, pin their lr_mult (and decay_mult)
+        # to 0 in the layer's own ParamSpecs, which the net reads after set-up.
+        specs = self.layer_param.param
+        for i in range(3):
+            if i >= len(specs):
+                specs.add(lr_mult=0, decay_mult=0)
+            elif specs[i].lr_mult != 0:
+                raise self.error("cannot train the batch statistics (param lr_mult must be 0)",
+                                 hint="remove the layer's param entries, or set lr_mult: 0; "
+                                      "add a Scale layer with bias_term: true for a learned scale and shift")
+        self.param_propagate_down = [False] * 3
+        self.inv_std = None  # (C,), kept for backward
+        self.x_norm = None   # (N, C, S) normalised top, kept for backward in TRAIN
+
+    def reshape(self, bottom, top):
+        channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        if channels != self.channels:
+            raise self.error(f"bottom {bottom[0].shape} has {channels} channels, "
+                             f"the statistics were set up for {self.channels}",
+                             hint="BatchNorm cannot change its channel count after set-up")
+        top[0].reshape_like(bottom[0])
+
+    def _view(self, array):
+        """array as (N, C, S): S = spatial count (1 for (N, C) bottoms)."""
+        n = array.shape[0] if array.ndim > 1 else array.size
+        return array.reshape(n, self.channels, -1)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = self._view(bottom[0].data)
+        y = self._view(top[0].data)
+        if self.use_global_stats:
+            factor = float(self.blobs[2].cpu_data()[0])
+            factor = 0.0 if factor == 0 else 1.0 / factor
+            mean = self.blobs[0].data * factor
+            var = self.blobs[1].data * factor
+        else:
+            m = x.shape[0] * x.shape[2]
+            mean = sum_outer_inner(xp, x) / m
+        xp.subtract(x, mean[:, None], out=y)
+        if not self.use_global_stats:
+            var = sum_outer_inner(xp, y, y) / m
+            self._update_stats(mean, var, m)
+        inv_std = var + self.eps
+        xp.sqrt(inv_std, out=inv_std)
+        xp.reciprocal(inv_std, out=inv_std)
+        self.inv_std = inv_std
+        y *= inv_std[:, None]
+        if not self.use_global_stats:
+            # Later in-place layers (Scale, ReLU) overwrite the top: keep y for backward.
+            self.x_norm = keep_copy(xp, y, self.x_norm)
+
+    def _update_stats(self, mean, var, m: int):
+        maf = self.maf
+        stats = self.blobs
+        factor = stats[2].data
+        factor *= maf
+        factor += 1
+        stats[0].data[...] = stats[0].data * maf + mean
+        correction = m / (m - 1) if m > 1 else 1.0
+        stats[1].data[...] = stats[1].data * maf + var * correction
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        dy = self._view(top[0].diff)
+        dx = self._view(bottom[0].diff)
+        inv_std = self.inv_std[:, None]
+        if self.use_global_stats:
+            xp.multiply(dy, inv_std, out=dx)
+            return
+        y = self.x_norm
+        m = dy.shape[0] * dy.shape[2]
+        mean_dy = sum_outer_inner(xp, dy) / m
+        mean_dy_y = sum_outer_inner(xp, dy, y) / m
+        # dx may share dy's memory (in place): the means above are taken first.
+        tmp = y * (mean_dy_y * self.inv_std)[:, None]
+        xp.multiply(dy, inv_std, out=dx)
+        dx -= tmp
+        dx -= (mean_dy * self.inv_std)[:, None]

@@ -1,0 +1,117 @@
+"""LRN: local response normalisation (Caffe's two regions), bottom and top (N, C, H, W).
+
+ACROSS_CHANNELS, with n = local_size and the window of n channels centred on c
+(channels outside [0, C) count as zero)::
+
+    scale[c] = k + alpha / n * sum_{c' in window(c)} x[c']^2
+    y = x * scale^-beta
+    dx = dy * scale^-beta - (2 alpha beta / n) * x * sum_{c' in window(c)} dy[c'] y[c'] / scale[c']
+
+WITHIN_CHANNEL, as Caffe builds it (Power x^2 -> AVE Pooling n x n, stride 1,
+pad (n-1)/2 -> Power with shift 1): Caffe's average pool divides by the window
+clipped to the padded image, which with stride 1 and that pad is always n^2,
+and k is not used::
+
+    scale[h, w] = 1 + alpha / n^2 * sum_{n x n window around (h, w)} x^2
+    y = x * scale^-beta
+    dx = dy * scale^-beta - (2 alpha beta / n^2) * x * sum_{window} dy y / scale
+
+Both window sums add n shifted slices of a zero-padded buffer: vectorised over
+the whole batch, and exact (a running or cumulative sum over a long axis
+loses the small terms in float32).
+"""
+from __future__ import annotations
+
+from ..registry import register_layer
+from .base import Layer, check_not_in_place
+
+ACROSS_CHANNELS = 0
+WITHIN_CHANNEL = 1
+
+
+@register_layer("LRN")
+class LRNLayer(Layer):
+    num_bottom = 1
+    num_top = 1
+    param_name = "lrn_param"
+
+    def setup(self, bottom, top):
+        check_not_in_place(self, bottom, top)
+        p = self.param
+        self.size = int(p.local_size)
+        if self.size % 2 == 0 or self.size < 1:
+            raise self.error(f"local_size must be odd, got {self.size}",
+                             hint="the window is centred on each element, e.g. local_size: 5")
+        self.pre_pad = (self.size - 1) // 2
+        self.alpha, self.beta, self.k = float(p.alpha), float(p.beta), float(p.k)
+        self.region = p.norm_region
+        if self.region not in (ACROSS_CHANNELS, WITHIN_CHANNEL):
+            raise self.error(f"unknown norm_region {self.region}",
+                             hint="use ACROSS_CHANNELS or WITHIN_CHANNEL")
+        self.scale = None   # (N, C, H, W), kept for backward
+        self._padded = None  # zero-padded work buffer
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            raise self.error(f"needs a 4-axis bottom (N, C, H, W), got {bottom[0].shape}",
+                             hint="reshape the bottom to N x C x H x W")
+        top[0].reshape_like(bottom[0])
+        xp, shape = self.xp, bottom[0].shape
+        if self.scale is None or self.scale.shape != shape:
+            self.scale = xp.empty(shape, self.dtype)
+            n, c, h, w = shape
+            p = 2 * self.pre_pad
+            padded = (n, c + p, h, w) if self.region == ACROSS_CHANNELS else (n, c, h + p, w + p)
+            self._padded = xp.zeros(padded, self.dtype)
+
+    def _window_sum(self, values, out):
+        """out = sum of ``values`` over each element's window (zero outside)."""
+        n, p = self.size, self.pre_pad
+        buf = self._padded
+        if self.region == ACROSS_CHANNELS:
+            c = values.shape[1]
+            buf[:, p:p + c] = values  # the pad stays zero
+            out[...] = buf[:, 0:c]
+            for i in range(1, n):
+                out += buf[:, i:i + c]
+        else:
+            h, w = values.shape[2:]
+            buf[:, :, p:p + h, p:p + w] = values
+            # Separable: sum the rows' windows into the (still zero-padded) columns, then the columns.
+            rows = buf[:, :, :, 0:w].copy()
+            for i in range(1, n):
+                rows += buf[:, :, :, i:i + w]
+            out[...] = rows[:, :, 0:h]
+            for i in range(1, n):
+                out += rows[:, :, i:i + h]
+
+    def _window_count(self) -> int:
+        return self.size if self.region == ACROSS_CHANNELS else self.size * self.size
+
+    def _shift(self) -> float:
+        return self.k if self.region == ACROSS_CHANNELS else 1.0
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x, y, scale = bottom[0].data, top[0].data, self.scale
+        xp.multiply(x, x, out=y)  # y holds x^2 until the end
+        self._window_sum(y, scale)
+        scale *= self.alpha / self._window_count()
+        scale += self._shift()
+        xp.power(scale, -self.beta, out=y)
+        y *= x
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self.scale
+        dx = bottom[0].diff
+        ratio = dy * y
+        ratio /= scale
+        self._window_sum(ratio, ratio)
+        ratio *= x
+        ratio *= 2.0 * self.alpha * self.beta / self._window_count()
+        xp.power(scale, -self.beta, out=dx)
+        dx *= dy
+        dx -= ratio
