@@ -71,7 +71,8 @@ def _device(args, solver_param=None):
     from .backend import CPU, Device, gpu_available  # noqa: PLC0415
 
     spec = args.gpu
-    if spec is None and solver_param is not None and solver_param.solver_mode == 1:  # GPU
+    if spec is None and solver_param is not None and solver_param.HasField("solver_mode") \
+            and solver_param.solver_mode == solver_param.GPU:
         spec = str(solver_param.device_id)
     if spec is None:
         return CPU
@@ -95,7 +96,6 @@ def _stages(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from . import config  # noqa: PLC0415
-    from .io.weights import copy_weights  # noqa: PLC0415
     from .solvers.base import create_solver  # noqa: PLC0415
 
     if args.weights and args.snapshot:
@@ -104,13 +104,11 @@ def cmd_train(args) -> int:
     param = config.load_solver(args.solver, args.set)
     param.train_state.level = args.level
     param.train_state.stage.extend(_stages(args))
-    device = _device(args, param)
-    solver = create_solver(param, source=args.solver, device=device)
-    weights = args.weights or ",".join(param.weights)
-    if weights and not args.snapshot:
-        copy_weights(solver.net, weights)
-        for net in solver.test_nets:
-            copy_weights(net, weights)
+    if args.weights or args.snapshot:
+        # --weights replaces the solver's own; a resumed run takes its weights from the snapshot.
+        del param.weights[:]
+        param.weights.extend(w for w in (args.weights or "").split(",") if w)
+    solver = create_solver(param, source=args.solver, device=_device(args, param))
     _install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
     try:
         solver.solve(resume_file=args.snapshot)

@@ -9,6 +9,7 @@ which layers need backward.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Iterable
 
@@ -353,10 +354,11 @@ class Net:
         Unknown layers are ignored; a shape mismatch stops with a message that
         says to rename the layer to train it from scratch.
         """
-        from .io.weights import load_weights  # noqa: PLC0415 - io depends on net
+        if isinstance(source, (str, os.PathLike)):
+            from .io.weights import copy_weights  # noqa: PLC0415 - io depends on net
 
-        if isinstance(source, str):
-            source = load_weights(source)
+            copy_weights(self, source)
+            return
         for src_layer in source.layer:
             layer = self.layer_by_name.get(src_layer.name)
             if layer is None or not src_layer.blobs:

@@ -1,0 +1,607 @@
+"""Solver: Caffe's training loop, testing, snapshots and resume.
+
+One iteration (``step``), exactly in Caffe's order::
+
+    zero param diffs
+    test all test nets      if iter % test_interval == 0 and (iter > 0 or test_initialization)
+    loss = mean over iter_size of net.forward_backward()
+    smoothed loss over average_loss iterations; log on display
+    apply_update():  rate = lr_policy(iter)
+                     clip_gradients (global L2 norm of all diffs)
+                     per param: normalize (1 / iter_size), regularize (L2 / L1 weight decay),
+                                compute_update (the only per-type method: writes the step into diff)
+                     net.update()  (W -= diff)
+    iter += 1
+    snapshot                if iter % snapshot == 0, or when asked (request_snapshot)
+
+A solver type subclasses ``Solver``, sets ``history_sets`` (history blobs per
+parameter) and implements ``compute_update(param_id, rate)``; it registers
+with ``@register_solver("Name")``.
+
+Hooks: objects in ``solver.callbacks`` may define any of ``on_start(solver)``
+(before forward/backward), ``on_gradients_ready(solver)`` (before the update;
+multi-device reduction goes here), ``on_iteration_end(solver)``,
+``on_display(solver, outputs)``, ``on_test(solver, test_net_id, results)`` and
+``on_snapshot(solver, model_path, state_path)``. ``request_stop()`` and
+``request_snapshot()`` are safe to call from a signal handler; they are acted
+on once per iteration (and between test batches), as in Caffe.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from ..backend import CPU, Device, gpu_available, seed_from_clock
+from ..blob import Blob
+from ..errors import ConfigError, DataError
+from ..io.solverstate import SolverStateData, read_extra, read_solverstate, write_extra, write_solverstate
+from ..io.weights import copy_weights, save_weights
+from ..layers.base import TEST, TRAIN
+from ..log import g
+from ..net import Net, make_state
+from ..proto import pb
+from ..registry import SOLVERS
+from .lr_policy import get_lr_policy
+
+log = logging.getLogger(__name__)
+
+# SolverParameter.SolverType (legacy ``solver_type``) -> ``type``.
+SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+HDF5 = 0  # SolverParameter.SnapshotFormat
+
+
+# ---- building ---------------------------------------------------------------------------
+def upgrade_solver_type(param) -> "pb.SolverParameter":
+    """A copy of ``param`` with the legacy ``solver_type`` enum moved to ``type``."""
+    out = pb.SolverParameter()
+    out.CopyFrom(param)
+    if out.HasField("solver_type"):
+        name = SOLVER_TYPE_NAMES.get(out.solver_type)
+        if name is None:
+            raise ConfigError(f"unknown solver_type {out.solver_type}", hint="use type: SGD, Adam, ...")
+        if out.HasField("type") and out.type != name:
+            raise ConfigError(f"solver_type {name} and type '{out.type}' disagree",
+                              hint="solver_type is deprecated: keep only 'type'")
+        out.type = name
+        out.ClearField("solver_type")
+    return out
+
+
+def create_solver(param, *, source: str | None = None, device: Device | None = None,
+                  dtype=np.float32, **kwargs) -> "Solver":
+    """The solver of the type ``param.type`` names (``solver_type`` accepted), built from ``param``."""
+    param = upgrade_solver_type(param)
+    if param.type not in SOLVERS:
+        matches = [n for n in SOLVERS.names() if n.lower() == param.type.lower()]
+        if matches:
+            raise ConfigError(f"unknown solver type '{param.type}'", file=source,
+                              hint=f"did you mean '{matches[0]}'? (type names are case-sensitive)")
+    return SOLVERS.get(param.type)(param, source=source, device=device, dtype=dtype, **kwargs)
+
+
+def default_device(param) -> Device:
+    """Caffe's rule: the GPU only when the solver file says ``solver_mode: GPU``; the CPU (with a
+    warning) when it says so but no GPU can be used. The command line passes its own device."""
+    if param.HasField("solver_mode") and param.solver_mode == pb.SolverParameter.GPU:
+        if gpu_available():
+            return Device.gpu(param.device_id)
+        log.warning("the solver asks for solver_mode: GPU but no GPU is available (CuPy missing or "
+                    "no CUDA device); training on the CPU")
+    return CPU
+
+
+def resolve_snapshot_prefix(param, source: str | None, fallback_name: str = "") -> str | None:
+    """Caffe's prefix rule: unset = the solver file path without its extension;
+    a folder (an existing one, or a name ending in '/') = ``folder/<solver file stem>``."""
+    prefix = param.snapshot_prefix if param.HasField("snapshot_prefix") else ""
+    if not prefix:
+        return os.path.splitext(source)[0] if source else None
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        stem = Path(source).stem if source else (fallback_name or "snapshot")
+        return os.path.join(prefix, stem)
+    return prefix
+
+
+class Solver:
+    """Trains ``self.net`` and tests ``self.test_nets`` as a SolverParameter says."""
+
+    #: History blobs per learnable parameter (AdaDelta and Adam keep two).
+    history_sets = 1
+
+    def __init__(self, param, *, source: str | None = None, device: Device | None = None,
+                 dtype=np.float32, rank: int = 0, world_size: int = 1, display_speed: bool = True):
+        self.param = param = upgrade_solver_type(param)
+        self.source = os.fspath(source) if source is not None else None
+        self.type = param.type
+        self.device = device if device is not None else default_device(param)
+        self.dtype = np.dtype(dtype)
+        self._dt = self.dtype.type
+        self.rank, self.world_size = rank, world_size
+        #: Show "(x iter/s, ys/N iters)" in the display line, as later Caffe versions do.
+        self.display_speed = display_speed
+        self.iter = 0
+        self.current_step = 0
+        self.callbacks: list = []
+        self.requested_early_exit = False
+        self._stop_requested = self._snapshot_requested = False
+        self.loss = None
+        self.smoothed_loss = self._dt(0)
+        self._losses: list = []
+        self._loss_start = 0
+        self._keep_loss_window = False
+        self.test_results: list[list[tuple[str, float, float]]] = []
+        self.last_snapshot: tuple[str, str] | None = None
+        self._last_snapshot_iter: int | None = None
+        self._scratch: dict = {}
+
+        self._check_param()
+        self.check_param(param)
+        self._lr_policy = get_lr_policy(param)
+        self._lr_policy(param, 0, 0, self._dt)  # settings the policy needs are checked now, not at iteration 0
+        seed = param.random_seed if param.random_seed >= 0 else seed_from_clock()
+        self.seed = int(seed) + rank
+        log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
+        self.net = self._init_train_net()
+        self.test_nets = self._init_test_nets()
+        for net in self.test_nets:
+            net.share_trained_layers_with(self.net)
+        for weights in param.weights:
+            for net in [self.net, *self.test_nets]:
+                copy_weights(net, weights)
+        self.prefix = resolve_snapshot_prefix(param, self.source, self.net.name)
+        self._check_prefix()
+        self.history = [Blob(p.shape, p.dtype, p.device, name=f"history{k}_{i}")
+                        for k in range(self.history_sets)
+                        for i, p in enumerate(self.net.learnable_params)]
+        log.info("Solver scaffolding done.")
+
+    # ---- checks -------------------------------------------------------------------------
+    def _error(self, message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.source, hint=hint)
+
+    def _check_param(self) -> None:
+        p = self.param
+        train = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(train) != 1:
+            raise self._error(
+                "the solver names no train net" if not train else
+                f"the solver names more than one train net ({', '.join(train)})",
+                hint="give exactly one of net, net_param, train_net, train_net_param")
+        generic = p.HasField("net") or p.HasField("net_param")
+        n_specific = len(p.test_net) + len(p.test_net_param)
+        if (generic and len(p.test_iter) < n_specific) or (not generic and len(p.test_iter) != n_specific):
+            raise self._error(f"{len(p.test_iter)} test_iter value(s) for {n_specific} test net(s)",
+                              hint="give one test_iter per test net")
+        n_test = max(len(p.test_iter), n_specific) if generic else n_specific
+        if len(p.test_state) and len(p.test_state) != n_test:
+            raise self._error(f"{len(p.test_state)} test_state value(s) for {n_test} test net(s)",
+                              hint="give test_state once per test net, or not at all")
+        if n_test and p.test_interval <= 0:
+            raise self._error(f"test_iter is set but test_interval is {p.test_interval}",
+                              hint="set test_interval (iterations between tests), or remove test_iter "
+                                   "to train without testing")
+        for name, low in (("average_loss", 1), ("iter_size", 1), ("display", 0), ("snapshot", 0),
+                          ("max_iter", 0)):
+            if getattr(p, name) < low:
+                raise self._error(f"{name} must be at least {low}, got {getattr(p, name)}")
+        if p.weight_decay and p.regularization_type not in ("L1", "L2"):
+            raise self._error(f"unknown regularization_type '{p.regularization_type}'",
+                              hint="use L2 (the default) or L1")
+
+    @classmethod
+    def check_param(cls, param) -> None:
+        """Per-type checks of the SolverParameter (raise ConfigError)."""
+
+    def _check_prefix(self) -> None:
+        needs = self.param.snapshot > 0 or self.param.snapshot_after_train
+        if self.prefix is None:
+            if needs:
+                raise self._error("snapshot_prefix is not set and there is no solver file to name "
+                                  "the snapshots after",
+                                  hint="set snapshot_prefix, or snapshot_after_train: false")
+            return
+        folder = os.path.dirname(self.prefix) or "."
+        if needs and os.path.isdir(folder) and not os.access(folder, os.W_OK):
+            raise self._error(f"cannot write snapshots to '{folder}'",
+                              hint="choose a writable snapshot_prefix")
+
+    # ---- nets ----------------------------------------------------------------------------
+    def _read_net(self, path: str) -> "pb.NetParameter":
+        from ..config import load_net  # noqa: PLC0415 - config is only needed for net files
+
+        return load_net(path)
+
+    def _make_net(self, net_param, state, net_key: int, source: str | None) -> Net:
+        return Net(net_param, state, device=self.device, dtype=self.dtype, seed=self.seed,
+                   net_key=net_key, rank=self.rank, world_size=self.world_size, source=source)
+
+    def _init_train_net(self) -> Net:
+        p = self.param
+        source = None
+        if p.HasField("train_net_param"):
+            log.info("Creating training net specified in train_net_param.")
+            net_param = p.train_net_param
+        elif p.HasField("train_net"):
+            log.info("Creating training net from train_net file: %s", p.train_net)
+            net_param, source = self._read_net(p.train_net), p.train_net
+        elif p.HasField("net_param"):
+            log.info("Creating training net specified in net_param.")
+            net_param = p.net_param
+        else:
+            log.info("Creating training net from net file: %s", p.net)
+            net_param, source = self._read_net(p.net), p.net
+            self._generic_net = net_param
+        state = make_state(TRAIN, 0, (), net_param.state, p.train_state)
+        return self._make_net(net_param, state, 0, source)
+
+    def _init_test_nets(self) -> list[Net]:
+        p = self.param
+        specs: list[tuple[str, object, str | None]] = []
+        for net_param in p.test_net_param:
+            specs.append(("test_net_param", net_param, None))
+        for path in p.test_net:
+            specs.append((f"test_net file: {path}", self._read_net(path), path))
+        remaining = len(p.test_iter) - len(specs)
+        if p.HasField("net_param"):
+            specs += [("net_param", p.net_param, None)] * remaining
+        elif p.HasField("net"):
+            generic = getattr(self, "_generic_net", None) or self._read_net(p.net)
+            specs += [(f"net file: {p.net}", generic, p.net)] * remaining
+        nets = []
+        for i, (what, net_param, source) in enumerate(specs):
+            state = make_state(TEST, 0, (), net_param.state,
+                               p.test_state[i] if len(p.test_state) else None)
+            log.info("Creating test net (#%d) specified by %s", i, what)
+            nets.append(self._make_net(net_param, state, i + 1, source))
+        return nets
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def solve(self, resume_file: str | None = None) -> None:
+        """Caffe's Solve: optionally restore, train to max_iter, snapshot, final display and test."""
+        p = self.param
+        log.info("Solving %s", self.net.name)
+        log.info("Learning Rate Policy: %s", p.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        self.step(p.max_iter - self.iter)
+        if (p.snapshot_after_train and self.rank == 0 and self._last_snapshot_iter != self.iter
+                and (not p.snapshot or self.iter % p.snapshot != 0)):
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            # Forward only: the weights have had their max_iter updates; this shows the final loss.
+            self._update_smoothed_loss(self._dt(self.net.forward()))
+            log.info("Iteration %d, loss = %s", self.iter, g(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    def step(self, iters: int):
+        """Run ``iters`` iterations; returns the smoothed loss."""
+        p = self.param
+        stop_iter = self.iter + iters
+        if self._keep_loss_window:  # resumed: continue the window of the interrupted run
+            self._keep_loss_window = False
+        else:
+            self._losses, self.smoothed_loss, self._loss_start = [], self._dt(0), self.iter
+        self._timer_start, self._iterations_last = time.perf_counter(), self.iter
+        while self.iter < stop_iter:
+            self.net.clear_param_diffs()
+            if (p.test_interval and self.iter % p.test_interval == 0
+                    and (self.iter > 0 or p.test_initialization) and self.rank == 0):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            self._call("on_start")
+            display = p.display and self.iter % p.display == 0
+            loss = self._dt(0)
+            for _ in range(p.iter_size):
+                loss += self._dt(self.net.forward_backward())
+            loss /= self._dt(p.iter_size)
+            self.loss = loss
+            self._update_smoothed_loss(loss)
+            if display:
+                self._display()
+            self._call("on_gradients_ready")
+            self.apply_update()
+            self.iter += 1
+            self._call("on_iteration_end")
+            snapshot_asked, stop_asked = self._take_requests()
+            if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or snapshot_asked:
+                self.snapshot()
+            if stop_asked:
+                self.requested_early_exit = True
+                break
+        return self.smoothed_loss
+
+    def _update_smoothed_loss(self, loss) -> None:
+        average = self.param.average_loss
+        if len(self._losses) < average:
+            self._losses.append(loss)
+            n = len(self._losses)
+            self.smoothed_loss = self._dt((self.smoothed_loss * (n - 1) + loss) / n)
+        else:
+            idx = (self.iter - self._loss_start) % average
+            self.smoothed_loss += self._dt((loss - self._losses[idx]) / average)
+            self._losses[idx] = loss
+
+    def _display(self) -> None:
+        if self.display_speed:
+            lapse = time.perf_counter() - self._timer_start
+            per_s = (self.iter - self._iterations_last) / (lapse or 1)
+            log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, g(per_s), g(lapse),
+                     self.param.display, g(self.smoothed_loss))
+        else:
+            log.info("Iteration %d, loss = %s", self.iter, g(self.smoothed_loss))
+        self._timer_start, self._iterations_last = time.perf_counter(), self.iter
+        outputs = self._log_outputs(self.net, [b.cpu_data().ravel() for b in self.net.output_blobs],
+                                    "Train", 1)
+        self._call("on_display", outputs)
+
+    def _log_outputs(self, net: Net, values: list, kind: str, divisor: int) -> list:
+        out, index = [], 0
+        for name, array in zip(net.output_blob_names, values):
+            weight = self._dt(net.blob_loss_weights.get(name, 0.0))
+            for value in array:
+                value = self._dt(value) / self._dt(divisor) if divisor != 1 else self._dt(value)
+                suffix = f" (* {g(weight)} = {g(weight * value)} loss)" if weight else ""
+                log.info("    %s net output #%d: %s = %s%s", kind, index, name, g(value), suffix)
+                out.append((name, float(value), float(weight)))
+                index += 1
+        return out
+
+    # ---- the update ----------------------------------------------------------------------------
+    def get_learning_rate(self) -> float:
+        rate, step = self._lr_policy(self.param, self.iter, self.current_step, self._dt)
+        if self.param.lr_policy == "multistep" and step != self.current_step:
+            log.info("MultiStep Status: Iteration %d, step = %d", self.iter, step)
+        self.current_step = step
+        return rate
+
+    def apply_update(self) -> None:
+        rate = self.get_learning_rate()
+        if self.param.display and self.iter % self.param.display == 0:
+            log.info("Iteration %d, lr = %s", self.iter, g(self._dt(rate)))
+        self.clip_gradients()
+        for param_id in range(len(self.net.learnable_params)):
+            self.normalize(param_id)
+            self.regularize(param_id)
+            self.compute_update(param_id, rate)
+        self.net.update()
+
+    def clip_gradients(self) -> None:
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        params = self.net.learnable_params
+        sumsq = self._dt(0)
+        for blob in params:
+            d = blob.diff.ravel()
+            sumsq += self._dt(float(self._xp.dot(d, d)))
+        l2norm = np.sqrt(sumsq)
+        if l2norm > clip:
+            scale = self._dt(clip) / l2norm
+            log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
+                     g(l2norm), g(clip), g(scale))
+            for blob in params:
+                diff = blob.diff
+                diff *= scale
+
+    def normalize(self, param_id: int) -> None:
+        """Average the gradient accumulated over iter_size forward/backward passes."""
+        if self.param.iter_size != 1:
+            diff = self.net.learnable_params[param_id].diff
+            diff *= self._dt(1) / self._dt(self.param.iter_size)
+
+    def regularize(self, param_id: int) -> None:
+        """diff += decay * W (L2) or decay * sign(W) (L1), decay = weight_decay * decay_mult."""
+        decay = self._dt(self.param.weight_decay) * self._dt(self.net.params_weight_decay[param_id])
+        if not decay:
+            return
+        blob = self.net.learnable_params[param_id]
+        tmp = self.scratch(param_id)
+        if self.param.regularization_type == "L2":
+            self._xp.multiply(blob.data, decay, out=tmp)
+        else:
+            self._xp.sign(blob.data, out=tmp)
+            tmp *= decay
+        diff = blob.diff
+        diff += tmp
+
+    def compute_update(self, param_id: int, rate: float) -> None:
+        """Turn the regularized gradient in ``diff`` into the step W -= diff (per solver type)."""
+        raise NotImplementedError
+
+    # ---- helpers for compute_update ---------------------------------------------------------------
+    @property
+    def _xp(self):
+        return self.device.xp
+
+    def local_rate(self, param_id: int, rate: float):
+        """rate * lr_mult, in the parameters' precision (as Caffe computes it in Dtype)."""
+        return self._dt(rate) * self._dt(self.net.params_lr[param_id])
+
+    def history_data(self, param_id: int, which: int = 0):
+        """History set ``which`` of a parameter; Caffe's order: all of set 0, then all of set 1."""
+        return self.history[which * len(self.net.learnable_params) + param_id].data
+
+    def scratch(self, param_id: int, k: int = 0):
+        """A reusable work array shaped like the parameter (Caffe's update_ / temp_ blobs)."""
+        key = (param_id, k)
+        array = self._scratch.get(key)
+        data = self.net.learnable_params[param_id].data
+        if array is None or array.shape != data.shape:
+            array = self._scratch[key] = self._xp.empty_like(data)
+        return array
+
+    # ---- testing ------------------------------------------------------------------------------------
+    def test_all(self) -> None:
+        self.test_results = []
+        for test_net_id in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            self.test(test_net_id)
+
+    def test(self, test_net_id: int = 0) -> list[tuple[str, float, float]] | None:
+        """Average every output of a test net over test_iter batches and log them."""
+        log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        net = self.test_nets[test_net_id]
+        net.share_trained_layers_with(self.net)
+        n_iter = self.param.test_iter[test_net_id]
+        scores, loss = None, self._dt(0)
+        for _ in range(n_iter):
+            snapshot_asked, stop_asked = self._take_requests()
+            while snapshot_asked or stop_asked:
+                if snapshot_asked:
+                    self.snapshot()
+                if stop_asked:
+                    self.requested_early_exit = True
+                snapshot_asked, stop_asked = self._take_requests()
+            if self.requested_early_exit:
+                break
+            iter_loss = net.forward()
+            if self.param.test_compute_loss:
+                loss += self._dt(iter_loss)
+            values = [b.cpu_data().ravel() for b in net.output_blobs]
+            if scores is None:
+                scores = [v.astype(self.dtype, copy=True) for v in values]
+            else:
+                for s, v in zip(scores, values):
+                    s += v
+        if self.requested_early_exit:
+            log.info("Test interrupted.")
+            return None
+        if self.param.test_compute_loss:
+            loss /= self._dt(n_iter)
+            log.info("Test loss: %s", g(loss))
+        results = self._log_outputs(net, scores or [], "Test", n_iter)
+        self.test_results.append(results)
+        self._call("on_test", test_net_id, results)
+        return results
+
+    # ---- requests and hooks -------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop after the current iteration (or test batch); snapshot_after_train still applies."""
+        self._stop_requested = True
+
+    def request_snapshot(self) -> None:
+        """Snapshot after the current iteration (or test batch) and go on."""
+        self._snapshot_requested = True
+
+    def _take_requests(self) -> tuple[bool, bool]:
+        snapshot_asked, stop_asked = self._snapshot_requested, self._stop_requested
+        self._snapshot_requested = self._stop_requested = False
+        return snapshot_asked, stop_asked
+
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
+
+    # ---- snapshots ---------------------------------------------------------------------------------
+    def snapshot_filename(self, extension: str) -> str:
+        if self.prefix is None:
+            raise self._error("cannot snapshot: snapshot_prefix is not set", hint="set snapshot_prefix")
+        return f"{self.prefix}_iter_{self.iter}{extension}"
+
+    def snapshot(self) -> tuple[str, str]:
+        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (or their .h5 forms)."""
+        h5 = self.param.snapshot_format == HDF5
+        kind = "HDF5 file" if h5 else "binary proto file"
+        model_path = self.snapshot_filename(".caffemodel.h5" if h5 else ".caffemodel")
+        log.info("Snapshotting to %s %s", kind, model_path)
+        save_weights(self.net, model_path, write_diff=self.param.snapshot_diff)
+        state_path = self.snapshot_filename(".solverstate.h5" if h5 else ".solverstate")
+        log.info("Snapshotting solver state to %s %s", kind, state_path)
+        write_extra(state_path, self.extra_state())  # first: a state file never lacks its sidecar
+        write_solverstate(state_path, SolverStateData(
+            iter=self.iter, learned_net=model_path, current_step=self.current_step,
+            history=[h.cpu_data() for h in self.history]))
+        self._last_snapshot_iter = self.iter
+        self.last_snapshot = (model_path, state_path)
+        self._call("on_snapshot", model_path, state_path)
+        return model_path, state_path
+
+    def extra_state(self) -> dict:
+        """What an exact resume needs beyond Caffe's SolverState (JSON-safe)."""
+        return {
+            "iter": self.iter,
+            "type": self.type,
+            "seed": self.seed,
+            "train_net": self.net.state_dict(),
+            "test_nets": [net.state_dict() for net in self.test_nets],
+            "loss_window": {"losses": [float(x) for x in self._losses],
+                            "smoothed": float(self.smoothed_loss), "start_iter": self._loss_start},
+        }
+
+    def restore(self, state_file: str) -> None:
+        """Resume from a .solverstate / .solverstate.h5: weights, history, iter, current_step
+        (and caffelite's sidecar state when present)."""
+        state_file = os.fspath(state_file)
+        state = read_solverstate(state_file)
+        if state.learned_net:
+            copy_weights(self.net, _find_learned_net(state.learned_net, state_file))
+        if len(state.history) != len(self.history):
+            raise ConfigError(f"the solver state holds {len(state.history)} history blobs; this "
+                              f"{self.type} solver needs {len(self.history)} for this net",
+                              file=state_file,
+                              hint="resume with the solver type and net that wrote the snapshot")
+        log.info("SGDSolver: restoring history")  # Caffe's wording for every type
+        for i, (blob, array) in enumerate(zip(self.history, state.history)):
+            if array.size != blob.count:
+                raise ConfigError(f"history blob {i} has shape {tuple(array.shape)}, the net's "
+                                  f"parameter has {blob.shape}", file=state_file,
+                                  hint="resume with the net that wrote the snapshot")
+            blob.set_data(array.reshape(blob.shape))
+        self.iter = state.iter
+        self.current_step = state.current_step
+        extra = read_extra(state_file)
+        if extra is None:
+            return
+        if extra.get("iter") != state.iter:
+            log.warning("ignoring %s: it belongs to iteration %s, the solver state to %d",
+                        state_file + ".json", extra.get("iter"), state.iter)
+            return
+        self.net.load_state_dict(extra.get("train_net", {}))
+        for net, net_state in zip(self.test_nets, extra.get("test_nets", [])):
+            net.load_state_dict(net_state)
+        window = extra.get("loss_window")
+        if window:
+            self._losses = [self._dt(x) for x in window["losses"]]
+            self.smoothed_loss = self._dt(window["smoothed"])
+            self._loss_start = int(window["start_iter"])
+            self._keep_loss_window = True
+
+    def close(self) -> None:
+        for net in [self.net, *self.test_nets]:
+            net.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(net='{self.net.name}', iter={self.iter})"
+
+
+def _find_learned_net(learned: str, state_file: str) -> str:
+    """The weights a solver state names: as written, else beside the solver state."""
+    folder = os.path.dirname(state_file)
+    candidates = [learned]
+    if not os.path.isabs(learned):
+        candidates.append(os.path.join(folder, learned))
+    candidates.append(os.path.join(folder, os.path.basename(learned)))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"the weights snapshot '{learned}' named by the solver state was not found",
+                    file=state_file, hint="keep the .caffemodel next to its .solverstate")
+
+
+__all__ = ["Solver", "create_solver", "upgrade_solver_type", "resolve_snapshot_prefix", "default_device"]
