@@ -18,7 +18,6 @@ from .errors import CaffeliteError, ConfigError
 log = logging.getLogger("caffelite")
 
 EFFECTS = ("stop", "snapshot", "none")
-COMMANDS = ("train", "test", "time", "device_query")
 
 
 # ---- argument parsing ---------------------------------------------------------------
@@ -36,7 +35,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caffelite", description="Caffe-style training from YAML or prototxt files.")
+    parser = argparse.ArgumentParser(prog="caffelite",
+                                     description="Caffe-style training from YAML or prototxt files.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train or fine-tune a model")
@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     query = sub.add_parser("device_query", help="show GPU diagnostics")
     _common(query)
+
+    from .tools import tool_modules  # noqa: PLC0415
+
+    for tool in tool_modules():
+        tool_parser = sub.add_parser(tool.COMMAND, help=tool.HELP, description=tool.HELP)
+        tool.add_arguments(tool_parser)
+        _flag(tool_parser, "debug", action="store_true", help="show tracebacks")
+        tool_parser.set_defaults(handler=tool.run)
     return parser
 
 
@@ -285,9 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .registry import load_plugin  # noqa: PLC0415
 
-        for module in args.plugin:
+        for module in getattr(args, "plugin", []):
             load_plugin(module)
-        return HANDLERS[args.command](args)
+        handler = getattr(args, "handler", None) or HANDLERS[args.command]
+        return handler(args)
     except CaffeliteError as exc:
         if args.debug:
             raise
