@@ -14,6 +14,7 @@ import time
 from typing import Sequence
 
 from .errors import CaffeliteError, ConfigError
+from .log import g, setup_logging
 
 log = logging.getLogger("caffelite")
 
@@ -176,15 +177,15 @@ def cmd_test(args) -> int:
                         weights.append(net.blob_loss_weights.get(name, 0.0))
                     else:
                         scores[k] += value
-                    log.info("Batch %d, %s = %s", i, name, _g(value))
+                    log.info("Batch %d, %s = %s", i, name, g(value))
                     k += 1
     finally:
         net.close()
-    log.info("Loss: %s", _g(total_loss / args.iterations))
+    log.info("Loss: %s", g(total_loss / args.iterations))
     for name, score, weight in zip(names, scores, weights):
         mean = score / args.iterations
-        suffix = f" (* {_g(weight)} = {_g(weight * mean)} loss)" if weight else ""
-        log.info("%s = %s%s", name, _g(mean), suffix)
+        suffix = f" (* {g(weight)} = {g(weight * mean)} loss)" if weight else ""
+        log.info("%s = %s%s", name, g(mean), suffix)
     return 0
 
 
@@ -196,7 +197,7 @@ def cmd_time(args) -> int:
     net = _load_net(args, TRAIN if args.phase == "TRAIN" else TEST)
     try:
         log.info("Performing Forward")
-        log.info("Initial loss: %s", _g(net.forward()))
+        log.info("Initial loss: %s", g(net.forward()))
         log.info("Performing Backward")
         net.backward()
         n = len(net.layers)
@@ -273,17 +274,10 @@ def cmd_device_query(args) -> int:
     return 0
 
 
-def _g(value: float) -> str:
-    """Numbers as Caffe's logs print them (C++ stream default: 6 significant digits)."""
-    return f"{value:.6g}"
-
-
 HANDLERS = {"train": cmd_train, "test": cmd_test, "time": cmd_time, "device_query": cmd_device_query}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .log import setup_logging  # noqa: PLC0415
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -181,10 +181,6 @@ class Solver:
         if len(p.test_state) and len(p.test_state) != n_test:
             raise self._error(f"{len(p.test_state)} test_state value(s) for {n_test} test net(s)",
                               hint="give test_state once per test net, or not at all")
-        if n_test and p.test_interval <= 0:
-            raise self._error(f"test_iter is set but test_interval is {p.test_interval}",
-                              hint="set test_interval (iterations between tests), or remove test_iter "
-                                   "to train without testing")
         for name, low in (("average_loss", 1), ("iter_size", 1), ("display", 0), ("snapshot", 0),
                           ("max_iter", 0)):
             if getattr(p, name) < low:

@@ -1,0 +1,334 @@
+"""Pooling (``pooling_param``): MAX, AVE and STOCHASTIC over 2-D windows.
+
+Bottom (N, C, H, W) -> top (N, C, Ho, Wo); with MAX an optional second top
+holds the argmax as a float index h*W + w into the input plane (Caffe's mask).
+Output size, kernel k, stride s, pad p per axis::
+
+    CEIL (default): Ho = ceil((H + 2p - k) / s) + 1     FLOOR: floor(...) + 1
+    and when p > 0 and (Ho-1)*s >= H + p the last window (starting in the pad) is dropped.
+
+Window (oh, ow) starts at oh*s - p. MAX takes the largest real pixel (padding
+never wins; the first maximum in row-major window order on ties). AVE sums the
+real pixels and divides by the window clipped to the padded image,
+(min(hstart+k, H+p) - hstart) * (same for w). STOCHASTIC (no padding) samples a
+pixel with probability proportional to its value in TRAIN and outputs the
+activation-weighted mean sum(x^2)/sum(x) (0 when sum(x) <= 0) in TEST.
+``global_pooling`` pools the whole plane.
+
+The loop runs over the k*k kernel offsets only; each step handles every
+window of the batch at once with a strided slice (see im2col.py for the
+batch-first / batch-last buffer orders).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..registry import register_layer
+from .base import Layer, TRAIN, check_not_in_place
+from .im2col import Geometry, Pixels, Workspace, copy_into, prefers_batch_last
+
+MAX, AVE, STOCHASTIC = 0, 1, 2   # PoolingParameter.PoolMethod
+CEIL, FLOOR = 0, 1               # PoolingParameter.RoundMode
+_METHODS = {MAX: "MAX", AVE: "AVE", STOCHASTIC: "STOCHASTIC"}
+#: Pooling does few passes per element, so transposing to batch-last pays only
+#: for narrow outputs (measured: LeNet pool2, AlexNet pool5 gain; 12+ wide lose).
+BATCH_LAST_MAX_WIDTH = 8
+
+
+def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    """Caffe's output size along one axis (see the module doc)."""
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if pad > 0 and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+@register_layer("Pooling")
+class PoolingLayer(Layer):
+    num_bottom = 1
+    num_top = (1, 2)
+    param_name = "pooling_param"
+
+    def setup(self, bottom, top):
+        check_not_in_place(self, bottom, top)
+        p = self.param
+        self.method = p.pool
+        if len(top) > 1 and self.method != MAX:
+            raise self.error(f"only MAX pooling has a second (mask) top, this is {_METHODS[self.method]}",
+                             hint="remove the second top")
+        has_k, has_hw = p.HasField("kernel_size"), (p.HasField("kernel_h"), p.HasField("kernel_w"))
+        self.global_pooling = p.global_pooling
+        if self.global_pooling:
+            if has_k or any(has_hw):
+                raise self.error("with global_pooling: true the kernel size cannot be given",
+                                 hint="remove kernel_size / kernel_h / kernel_w")
+        elif has_k and any(has_hw):
+            raise self.error("the kernel is kernel_size OR kernel_h and kernel_w, not both",
+                             hint="keep one of them")
+        elif not has_k and not all(has_hw):
+            raise self.error("the kernel size is missing: give kernel_size, or both kernel_h and kernel_w",
+                             hint="e.g. kernel_size: 2")
+        for name in ("pad", "stride"):
+            has, has_h, has_w = p.HasField(name), p.HasField(f"{name}_h"), p.HasField(f"{name}_w")
+            if (has_h or has_w) and (has or not (has_h and has_w)):
+                raise self.error(f"give {name} OR both {name}_h and {name}_w",
+                                 hint=f"remove '{name}' or add the missing _h/_w field")
+        self.kernel = (int(p.kernel_size),) * 2 if has_k else (int(p.kernel_h), int(p.kernel_w))
+        self.pad = (int(p.pad_h), int(p.pad_w)) if p.HasField("pad_h") else (int(p.pad),) * 2
+        self.stride = (int(p.stride_h), int(p.stride_w)) if p.HasField("stride_h") else (int(p.stride),) * 2
+        if not self.global_pooling and min(self.kernel) <= 0:
+            raise self.error(f"kernel dimensions cannot be zero, got {self.kernel}",
+                             hint="set kernel_size to a positive value")
+        if min(self.stride) <= 0:
+            raise self.error(f"stride must be positive, got {self.stride}", hint="use stride: 1 or more")
+        if self.global_pooling and (any(self.pad) or self.stride != (1, 1)):
+            raise self.error("with global_pooling: true only pad = 0 and stride = 1 are allowed",
+                             hint="remove pad and stride")
+        if any(self.pad):
+            if self.method == STOCHASTIC:
+                raise self.error("padding is implemented only for MAX and AVE pooling",
+                                 hint="remove pad, or use pool: MAX or AVE")
+            if not self.global_pooling and any(p_ >= k for p_, k in zip(self.pad, self.kernel)):
+                raise self.error(f"pad {self.pad} must be smaller than the kernel {self.kernel}",
+                                 hint="reduce pad")
+        self.ws = Workspace()
+        self.pixels = Pixels(False)
+        self._divisor_key = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.error(f"the bottom must have 4 axes (num, channels, height, width), got {shape}",
+                             hint="reshape the input to N x C x H x W")
+        n, c, h, w = shape
+        if self.global_pooling:
+            self.kernel = (h, w)
+        ceil_mode = self.param.round_mode == CEIL
+        out = tuple(pooled_size(size, k, s, p, ceil_mode)
+                    for size, k, s, p in zip((h, w), self.kernel, self.stride, self.pad))
+        if min(out) <= 0:
+            raise self.error(f"output size {out} is not positive for input {(h, w)} with kernel "
+                             f"{self.kernel}, stride {self.stride}, pad {self.pad}",
+                             hint="the input is smaller than the kernel: reduce kernel_size or add pad")
+        self.in_spatial, self.out_spatial = (h, w), out
+        self.planes = n * c
+        for t in top:
+            t.reshape((n, c) + out)
+        self.geometry = Geometry(self.kernel, self.stride, self.pad, (1, 1))
+        # Rows/columns the windows cover, padded image included (CEIL may run past it).
+        self.padded = tuple(max(size + 2 * p, (o - 1) * s + k) for size, p, o, s, k
+                            in zip((h, w), self.pad, out, self.stride, self.kernel))
+        self.direct = self.padded == (h, w)
+        # Whole-plane MAX/AVE are plain reductions; STOCHASTIC keeps the window loop.
+        self.global_fast = self.global_pooling and self.method != STOCHASTIC
+        self.pixels = Pixels(not self.global_fast and prefers_batch_last(
+            self.xp, self.planes, out, self.geometry, max_width=BATCH_LAST_MAX_WIDTH))
+        self._global_index = None
+        self._index_ready = False
+
+    # ---- helpers -----------------------------------------------------------
+    def _planes(self, array):
+        """(N, C, H, W) -> canonical (N*C, H, W)."""
+        return array.reshape((self.planes,) + array.shape[2:])
+
+    def _padded_input(self, x, fill):
+        """Canonical (N*C, Hb, Wb) view of ``x`` padded with ``fill`` (a view when no pad is needed)."""
+        if self.direct and not self.pixels.batch_last:
+            return x
+        _, canon = self.pixels.alloc(self.ws, self.xp, f"pad{fill}", (), self.planes, self.padded,
+                                     x.dtype, fill=fill)
+        copy_into(canon[(slice(None),) + self.geometry.interior(self.in_spatial)], x, 0,
+                  self.pixels.batch_last)
+        return canon
+
+    def _output(self, top_array, role="out"):
+        """Where to compute the output: the top itself, or a batch-last buffer."""
+        return self._scratch(role, top_array.dtype) if self.pixels.batch_last else top_array
+
+    def _scratch(self, role, dtype):
+        """An output-shaped work array in this layer's pixel order."""
+        return self.pixels.alloc(self.ws, self.xp, role, (), self.planes, self.out_spatial, dtype)[1]
+
+    def _index_buffer(self):
+        """Argmax (or sampled) kernel offset per output."""
+        return self._scratch("index", np.uint8 if math.prod(self.kernel) <= 256 else np.int32)
+
+    def _windows(self, image):
+        """(offset index, strided view of ``image`` for that kernel offset) for every offset."""
+        g = self.geometry
+        for i, offset in enumerate(g.offsets()):
+            yield i, image[(slice(None),) + g.window(offset, self.out_spatial)]
+
+    def _divisor_array(self, dtype):
+        """AVE pool sizes per output, clipped to the padded image (Caffe's rule)."""
+        key = (self.in_spatial, self.out_spatial, np.dtype(dtype))
+        if self._divisor_key != key:
+            self._divisor_key = key
+            sizes = []
+            for size, k, s, p, o in zip(self.in_spatial, self.kernel, self.stride, self.pad,
+                                        self.out_spatial):
+                start = np.arange(o) * s - p
+                sizes.append(np.minimum(start + k, size + p) - start)
+            self._divisor = self.xp.asarray(np.outer(sizes[0], sizes[1]).astype(dtype))
+        return self._divisor
+
+    # ---- forward -----------------------------------------------------------
+    def forward(self, bottom, top):
+        x = self._planes(bottom[0].data)
+        y = self._planes(top[0].data)
+        self._index_ready = False
+        if self.global_fast:
+            self._forward_global(x, y, top)
+            return
+        if self.method == MAX:
+            want_index = self.phase == TRAIN or len(top) > 1
+            out = self._output(y)
+            self._max(x, out, want_index)
+            if out is not y:
+                y[...] = out
+            if len(top) > 1:
+                self._write_mask(self._planes(top[1].data))
+        elif self.method == AVE:
+            out = self._output(y)
+            src = self._padded_input(x, 0)
+            for i, win in self._windows(src):
+                if i == 0:
+                    out[...] = win
+                else:
+                    out += win
+            out /= self._divisor_array(out.dtype)
+            if out is not y:
+                y[...] = out
+        else:
+            self._stochastic(x, y)
+
+    def _max(self, x, out, want_index: bool) -> None:
+        xp = self.xp
+        src = self._padded_input(x, -np.inf)
+        if not want_index:
+            for i, win in self._windows(src):
+                if i == 0:
+                    out[...] = win
+                else:
+                    xp.maximum(out, win, out=out)
+            return
+        # Masked copies branch on random masks and are slow; arithmetic is not.
+        # A strictly greater value at offset i (offsets increase) makes the
+        # index i, so the first maximum in window order wins, as in Caffe.
+        index = self._index_buffer()
+        index[...] = 0
+        greater = self._scratch("greater", bool)
+        step = self._scratch("step", index.dtype)
+        for i, win in self._windows(src):
+            if i == 0:
+                out[...] = win
+                continue
+            xp.greater(win, out, out=greater)
+            xp.maximum(out, win, out=out)
+            xp.multiply(greater, index.dtype.type(i), out=step, casting="unsafe")
+            xp.maximum(index, step, out=index)
+        self._index_ready = True
+
+    def _write_mask(self, mask) -> None:
+        """Argmax kernel offsets -> flat input indices h*W + w, as floats."""
+        xp = self.xp
+        index = self._index_buffer().astype(np.int32)
+        kw = self.kernel[1]
+        width = self.in_spatial[1]
+        rows = np.arange(self.out_spatial[0]) * self.stride[0] - self.pad[0]
+        cols = np.arange(self.out_spatial[1]) * self.stride[1] - self.pad[1]
+        base = xp.asarray((rows[:, None] * width + cols[None, :]).astype(np.int32))
+        mask[...] = base + (index // kw) * width + index % kw
+
+    def _forward_global(self, x, y, top) -> None:
+        flat = x.reshape(self.planes, -1)
+        out = y.reshape(self.planes)
+        if self.method == MAX:
+            self._global_index = flat.argmax(axis=1)
+            out[...] = flat[self.xp.arange(self.planes), self._global_index]
+            if len(top) > 1:
+                self._planes(top[1].data).reshape(self.planes)[...] = self._global_index
+        elif self.method == AVE:
+            out[...] = flat.sum(axis=1) / flat.shape[1]
+
+    def _stochastic(self, x, y) -> None:
+        """TRAIN: sample a pixel by value; TEST: sum(x^2) / sum(x), 0 if sum(x) <= 0."""
+        xp = self.xp
+        src = self._padded_input(x, 0)
+        out = self._output(y)
+        if self.phase != TRAIN:
+            total = xp.zeros_like(out)
+            squares = xp.zeros_like(out)
+            for _, win in self._windows(src):
+                total += win
+                squares += win * win
+            positive = total > 0
+            out[...] = xp.where(positive, squares / xp.where(positive, total, 1), 0)
+        else:
+            total = xp.zeros_like(out)
+            for _, win in self._windows(src):
+                total += win
+            threshold = xp.asarray(self.rng.random(out.shape).astype(out.dtype)) * total
+            index = self._index_buffer()
+            index[...] = 0
+            out[...] = 0
+            cumulative = xp.zeros_like(out)
+            done = xp.zeros(out.shape, bool)
+            for i, win in self._windows(src):
+                cumulative += win
+                hit = (cumulative >= threshold) & ~done
+                out += hit * win
+                xp.maximum(index, hit.astype(index.dtype) * index.dtype.type(i), out=index)
+                done |= hit
+            self._index_ready = True
+        if out is not y:
+            y[...] = out
+
+    # ---- backward ----------------------------------------------------------
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        dx = self._planes(bottom[0].diff)
+        dy = self._planes(top[0].diff)
+        if self.global_fast:
+            flat = dx.reshape(self.planes, -1)
+            if self.method == AVE:
+                flat[...] = dy.reshape(self.planes, 1) / flat.shape[1]
+            else:
+                flat[...] = 0
+                flat[xp.arange(self.planes), self._global_index] = dy.reshape(self.planes)
+            return
+        if self.pixels.batch_last:
+            grad = self._output(dy, role="dy")
+            copy_into(grad, dy, 0, True)
+        else:
+            grad = dy
+        if self.direct and not self.pixels.batch_last:
+            acc = dx
+        else:
+            acc = self.pixels.alloc(self.ws, xp, "acc", (), self.planes, self.padded, dx.dtype)[1]
+        acc[...] = 0
+        if self.method == AVE:
+            share = grad / self._divisor_array(grad.dtype)
+            for _, win in self._windows(acc):
+                win += share
+        else:
+            if not self._index_ready:
+                if self.method == STOCHASTIC:
+                    raise self.error("STOCHASTIC pooling has a gradient only in the TRAIN phase",
+                                     hint="run backward after a TRAIN forward")
+                self._max(self._planes(bottom[0].data), self._output(self._planes(top[0].data),
+                                                                      role="recompute"), True)
+            index = self._index_buffer()
+            hit = self._scratch("greater", bool)
+            share = self._scratch("share", grad.dtype)
+            for i, win in self._windows(acc):
+                xp.equal(index, i, out=hit)
+                xp.multiply(grad, hit, out=share)
+                win += share
+        if acc is not dx:
+            dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
