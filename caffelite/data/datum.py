@@ -165,8 +165,8 @@ def _to_chw(image: Image.Image, force_color: bool, force_gray: bool) -> np.ndarr
     rgb = np.asarray(image.convert("RGB")).astype(np.int32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     if image.format == "PNG":
-        # libpng's png_set_rgb_to_gray(0.299, 0.587), which OpenCV's PNG decoder uses.
-        y = (9798 * r + 19235 * g + 3735 * b + 16384) >> 15
+        # libpng's rgb-to-gray, which OpenCV's PNG decoder uses: 15-bit weights, truncated.
+        y = (9797 * r + 19234 * g + 3737 * b) >> 15
     else:
         # OpenCV's BGR2GRAY fixed point (14 bits).
         y = (4899 * r + 9617 * g + 1868 * b + 8192) >> 14
