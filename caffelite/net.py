@@ -172,7 +172,11 @@ class Net:
         self.bottom_need_backward: list[list[bool]] = []
         self.layer_need_backward: list[bool] = []
         self.blob_loss_weights: dict[str, float] = {}
-        self._loss_tops: list[tuple[Blob, float]] = []
+        self._loss_tops: list[tuple[int, Blob, float]] = []
+        # Called with the layer index after each layer's forward / backward (debug_info,
+        # gradient all-reduce overlapped with backward).
+        self.after_forward: list = []
+        self.after_backward: list = []
         blob_need_backward: dict[str, bool] = {}
         available: set[str] = set()
 
@@ -239,7 +243,7 @@ class Net:
             weight = layer.loss_weights[j]
             self.blob_loss_weights[blob_name] = weight
             if weight:
-                self._loss_tops.append((tops[j], weight))
+                self._loss_tops.append((layer_id, tops[j], weight))
         for param_id in range(len(layer.blobs)):
             spec = lp.param[param_id] if param_id < len(lp.param) else None
             need = spec is None or spec.lr_mult != 0
@@ -317,16 +321,22 @@ class Net:
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
             layer.reshape(bottom, top)
             layer.forward(bottom, top)
-        for blob, weight in self._loss_tops:
-            loss += weight * float(blob.data.sum())
+            for hook in self.after_forward:
+                hook(i)
+        for i, blob, weight in self._loss_tops:
+            if start <= i <= end:
+                loss += weight * float(blob.data.sum())
         return loss
 
     def backward(self) -> None:
-        for blob, weight in self._loss_tops:
+        """Backward through every layer that needs it; ``after_backward`` hooks see each index."""
+        for _, blob, weight in self._loss_tops:
             blob.diff[...] = weight
         for i in reversed(range(len(self.layers))):
             if self.layer_need_backward[i]:
                 self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+                for hook in self.after_backward:
+                    hook(i)
 
     def forward_backward(self) -> float:
         loss = self.forward()
