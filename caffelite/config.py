@@ -104,7 +104,7 @@ def layer_line(source: str | os.PathLike, layer: str) -> int | None:
 
 def resolve_path(value: str, base: Path) -> str:
     """Apply the relative-path rule of this module's docstring."""
-    if not value or os.path.isabs(value) or "://" in value:
+    if not value or os.path.isabs(value) or "://" in value or value.startswith("zoo:"):
         return value
     beside = Path(os.path.normpath(base / value))
     here = Path(value)
@@ -127,6 +127,9 @@ def resolve_net_paths(param, base: Path) -> None:
 # ---- loading -------------------------------------------------------------------
 def _existing(path, what: str) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"is a folder, not a {what} file", file=str(path),
+                          hint=f"pass the {what} file itself (.yaml or .prototxt)")
     if not path.is_file():
         raise ConfigError(f"{what} file not found", file=str(path),
                           hint="check the path; relative paths are taken from the current directory")
@@ -155,9 +158,15 @@ def _parse(text: str, fmt: str, source: str, msg):
                               hint="check the indentation and the brackets near this line") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"malformed YAML: {exc}", file=source) from None
+        except RecursionError:
+            raise ConfigError("malformed YAML: nested too deeply", file=source) from None
         if root is None:
             raise ConfigError("the file is empty", file=source)
-        _YamlReader(source).fill(msg, root, layer=None)
+        try:
+            _YamlReader(source).fill(msg, root, layer=None)
+        except RecursionError:  # an alias that contains itself (&a [*a]) or absurd nesting
+            raise ConfigError("the YAML nests too deeply (an alias that refers to itself?)",
+                              file=source) from None
         return msg
     try:
         text_format.Parse(text, msg)
@@ -229,6 +238,11 @@ _INT_TYPES = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescr
               FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64,
               FieldDescriptor.TYPE_SFIXED32, FieldDescriptor.TYPE_SFIXED64}
 _FLOAT_TYPES = {FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE}
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_INT_RANGES = {FieldDescriptor.TYPE_INT32: _INT32, FieldDescriptor.TYPE_SINT32: _INT32,
+               FieldDescriptor.TYPE_SFIXED32: _INT32, FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+               FieldDescriptor.TYPE_FIXED32: (0, (1 << 32) - 1), FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
+               FieldDescriptor.TYPE_FIXED64: (0, (1 << 64) - 1)}
 
 
 class _YamlReader:
@@ -250,6 +264,9 @@ class _YamlReader:
             layer = _mapping_get(node, "name")
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error(key_node, f"a key of {type_name} must be a field name, got "
+                                           f"'{_show(key_node)}'", layer)
             key = key_node.value
             if key in seen:
                 raise self.error(key_node, f"key '{key}' appears twice in {type_name}", layer,
@@ -280,7 +297,11 @@ class _YamlReader:
             return node.value
         if field.type == FieldDescriptor.TYPE_BYTES:
             return node.value.encode()
-        value = self._constructor.construct_object(node)
+        try:
+            value = self._constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            problem = getattr(exc, "problem", None) or exc
+            raise self.error(node, f"{where}: cannot read '{node.value}' ({problem})", layer) from None
         if field.type == FieldDescriptor.TYPE_ENUM:
             names = field.enum_type.values_by_name
             if isinstance(value, str) and value in names:
@@ -299,6 +320,10 @@ class _YamlReader:
             if isinstance(value, int) and not isinstance(value, bool):
                 if field.type in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64) and value < 0:
                     raise self.error(node, f"{where} cannot be negative, got {value}", layer)
+                low, high = _INT_RANGES.get(field.type, (-(1 << 63), (1 << 63) - 1))
+                if not low <= value <= high:
+                    raise self.error(node, f"{where} is out of range: {value} (the field holds "
+                                           f"{low} to {high})", layer)
                 return value
             raise self.error(node, f"{where} takes an integer, got '{node.value}'", layer)
         if field.type in _FLOAT_TYPES:

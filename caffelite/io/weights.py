@@ -8,7 +8,8 @@
   owner), and ``/diff/<layer>/<i>`` for every blob when diffs are written.
   Every layer gets a group, with or without parameters.
 
-Writes are atomic (see io/atomic.py).
+Writes are atomic (see io/atomic.py). Wherever a weights path is read,
+``zoo:NAME`` stands for model NAME's verified download (see caffelite/zoo.py).
 """
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def is_hdf5(path: str) -> bool:
         return False
 
 
+def _resolve(path: str) -> str:
+    """``zoo:NAME`` -> the verified cached weights of zoo model NAME; other paths as given."""
+    if "zoo:" not in path:
+        return path
+    from ..zoo import resolve_weights  # noqa: PLC0415 - only zoo specs need the zoo
+
+    return resolve_weights(path)
+
+
 def _check_exists(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError("weights file not found", file=path,
@@ -56,7 +66,7 @@ def load_weights(path: str | os.PathLike) -> "pb.NetParameter":
     its owner) gets only blobs ``0..i-1`` here; ``copy_weights`` handles such
     files exactly as Caffe does.
     """
-    path = os.fspath(path)
+    path = _resolve(os.fspath(path))
     _check_exists(path)
     if is_hdf5(path):
         return _h5_to_net_param(path)
@@ -124,6 +134,7 @@ def copy_weights(net: "Net", paths: str | os.PathLike) -> None:
     for path in (p.strip() for p in os.fspath(paths).split(",")):
         if not path:
             continue
+        path = _resolve(path)
         _check_exists(path)
         if is_hdf5(path):
             _copy_h5(net, path)
