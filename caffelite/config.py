@@ -285,7 +285,9 @@ class _YamlReader:
                     else:
                         target.append(self.scalar(field, item, layer))
             elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                self.fill(getattr(msg, key), value_node, layer)
+                sub = getattr(msg, key)
+                sub.SetInParent()  # an empty mapping still sets the field, as in prototxt
+                self.fill(sub, value_node, layer)
             else:
                 setattr(msg, key, self.scalar(field, value_node, layer))
 

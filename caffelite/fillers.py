@@ -39,7 +39,7 @@ def _scale_n(param, shape: tuple) -> float:
 
 @register_filler("constant")
 def constant(param, shape, rng):
-    return np.full(shape, param.value)
+    return np.broadcast_to(np.float32(param.value), shape)
 
 
 @register_filler("uniform")

@@ -9,4 +9,15 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
+
+
+def __getattr__(name: str):
+    """pycaffe's idiom ``from caffelite import layers as L``: ``L.Convolution(...)`` builds a NetSpec layer."""
+    if name[:1].isupper():
+        from ..net_spec import layers as builder  # noqa: PLC0415
+
+        return getattr(builder, name)
+    raise AttributeError(name)
+
+
 __all__ = ["TRAIN", "TEST", "Layer", "LayerContext", "NeuronLayer", "LossLayer", "DataLayer"]
