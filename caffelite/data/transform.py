@@ -13,6 +13,8 @@ float32 results match Caffe's bit for bit.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..errors import ConfigError, DataError
@@ -20,6 +22,14 @@ from ..io.binaryproto import read_mean
 from .datum import check_color_flags
 
 TRAIN = 0
+
+
+class Draw(NamedTuple):
+    """A batch's random choices: mirror flags (None without ``mirror``) and crop offsets."""
+
+    flip: np.ndarray | None
+    h_off: np.ndarray
+    w_off: np.ndarray
 
 
 class DataTransformer:
@@ -47,6 +57,7 @@ class DataTransformer:
         if self.mean_file:
             self.mean = read_mean(self.mean_file).astype(self.dtype)
         self.mean_value = np.asarray(param.mean_value, dtype=self.dtype) if len(param.mean_value) else None
+        self._mirrored_mean = None
 
     @property
     def is_random(self) -> bool:
@@ -76,13 +87,10 @@ class DataTransformer:
             return c, self.crop_size, self.crop_size
         return c, h, w
 
-    def __call__(self, batch: np.ndarray, rng: np.random.Generator | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
-        """Transform an N x C x H x W batch (uint8 or float) into ``out`` (N x C x h x w, dtype)."""
-        n, c, h, w = batch.shape
-        oc, oh, ow = self.output_shape((c, h, w))
-        if out is None or out.shape != (n, oc, oh, ow) or out.dtype != self.dtype:
-            out = np.empty((n, oc, oh, ow), self.dtype)
+    def draw(self, n: int, item_shape: tuple, rng: np.random.Generator | None = None) -> Draw:
+        """The random choices for n items of ``item_shape``: mirror flags, then crop offsets."""
+        c, h, w = item_shape
+        _, oh, ow = self.output_shape(item_shape)
         if self.is_random and rng is None:
             raise ValueError("a random transform needs a Generator")
         flip = rng.integers(0, 2, size=n).astype(bool) if self.mirror else None
@@ -92,36 +100,134 @@ class DataTransformer:
         else:
             h_off = np.full(n, (h - oh) // 2)
             w_off = np.full(n, (w - ow) // 2)
-        if flip is None and (h_off[0] == h_off).all() and (w_off[0] == w_off).all():
+        return Draw(flip, h_off, w_off)
+
+    def __call__(self, batch, rng: np.random.Generator | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """Transform a batch into ``out`` (N x C x h x w, dtype): ``draw`` then ``apply``."""
+        return self.apply(batch, self.draw(len(batch), batch[0].shape, rng), out)
+
+    def apply(self, batch, draw: Draw, out: np.ndarray | None = None,
+              flipped: np.ndarray | None = None) -> np.ndarray:
+        """Transform a batch with the choices ``draw`` made.
+
+        ``batch`` is an N x C x H x W array (uint8 or float, any strides), or a
+        list of N C x H x W items of one shape. ``flipped[i]`` says item i was
+        already mirrored whole by the caller (a decoder mirrors far faster than
+        a reversed NumPy copy); it is then cropped at the mirrored offset.
+        """
+        n = len(batch)
+        c, h, w = batch[0].shape
+        oc, oh, ow = self.output_shape((c, h, w))
+        if out is None or out.shape != (n, oc, oh, ow) or out.dtype != self.dtype:
+            out = np.empty((n, oc, oh, ow), self.dtype)
+        flip, h_off, w_off = draw
+        if (isinstance(batch, np.ndarray) and flip is None
+                and (h_off[0] == h_off).all() and (w_off[0] == w_off).all()):
             h0, w0 = int(h_off[0]), int(w_off[0])
-            out[...] = batch[:, :, h0:h0 + oh, w0:w0 + ow]
-            if self.mean is not None:
-                out -= self.mean[:, h0:h0 + oh, w0:w0 + ow]
+            window = (slice(None), slice(h0, h0 + oh), slice(w0, w0 + ow))
+            self._copy(batch[(slice(None),) + window], self._mean_at(window), out)
         else:
-            self._per_item(batch, h_off, w_off, flip, out)
-        if self.mean_value is not None:
-            out -= self.mean_value[:, None, None]
+            self._per_item(batch, draw, flipped, out)
         if self.scale != 1:
             out *= self.scale
         return out
 
-    def _per_item(self, batch, h_off, w_off, flip, out) -> None:
+    def _mean_at(self, window, mirrored: bool = False):
+        """What to subtract from the source pixels in ``window``: mean_file crop, mean_value or None.
+
+        ``mirrored``: ``window`` is a position in the mirrored image.
+        """
+        if self.mean is not None:
+            if mirrored:
+                if self._mirrored_mean is None:  # made once: reversed reads are slow
+                    self._mirrored_mean = np.ascontiguousarray(self.mean[..., ::-1])
+                return self._mirrored_mean[window]
+            return self.mean[window]
+        if self.mean_value is not None:
+            return self.mean_value[:, None, None]
+        return None
+
+    @staticmethod
+    def _copy(src, mean, out) -> None:
+        # Cast, then subtract in place: measured ~25% faster than one mixed-dtype
+        # np.subtract(uint8, float) pass, which NumPy runs through a casting buffer.
+        out[...] = src
+        if mean is not None:
+            out -= mean
+
+    def _per_item(self, batch, draw: Draw, flipped, out) -> None:
         """Crops at per-item offsets, mirrored per item, minus the mean at the source pixels.
 
         One strided copy per item: measured ~15x faster than a fancy-index gather
-        (and ~4x faster for the flips) on 256 x 3 x 256 x 256 batches.
+        on 256 x 3 x 256 x 256 batches. A mirrored item is cropped at the mirrored
+        offset of the mirrored image, so mirrored and plain items cost alike when
+        the caller mirrored them already.
         """
+        flip, h_off, w_off = draw
         oh, ow = out.shape[2:]
-        for i in range(batch.shape[0]):
-            window = (slice(None), slice(h_off[i], h_off[i] + oh), slice(w_off[i], w_off[i] + ow))
-            src = batch[i][window]
-            mean = self.mean[window] if self.mean is not None else None
-            if flip is not None and flip[i]:
-                src = src[..., ::-1]
-                mean = mean[..., ::-1] if mean is not None else None
-            out[i] = src
-            if mean is not None:
-                out[i] -= mean
+        w = batch[0].shape[2]
+        for i in range(len(batch)):
+            rows = slice(h_off[i], h_off[i] + oh)
+            if flip is None or not flip[i]:
+                window = (slice(None), rows, slice(w_off[i], w_off[i] + ow))
+                self._copy(batch[i][window], self._mean_at(window), out[i])
+                continue
+            # Column w0 + x of the image is column w - 1 - w0 - x of the mirrored image.
+            start = w - w_off[i] - ow
+            window = (slice(None), rows, slice(start, start + ow))
+            src = batch[i][window] if flipped is not None and flipped[i] else \
+                batch[i][:, rows, w_off[i]:w_off[i] + ow][..., ::-1]
+            self._copy(src, self._mean_at(window, mirrored=True), out[i])
+
+
+# ---- resizing ------------------------------------------------------------------------
+_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: weights in 1/2048ths
+_COEF_SCALE = 1 << _COEF_BITS
+
+
+def _linear_taps(src: int, dst: int):
+    """Source indices and fixed-point weights of OpenCV's INTER_LINEAR along one axis."""
+    f = ((np.arange(dst) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    f -= i0
+    edge = (i0 < 0) | (i0 >= src - 1)  # outside: the nearest edge pixel, weight 1
+    f[edge] = 0
+    i0 = np.clip(i0, 0, src - 1)
+    i1 = np.minimum(i0 + 1, src - 1)
+    w0 = np.rint((1 - f) * _COEF_SCALE).astype(np.int32)
+    w1 = np.rint(f * _COEF_SCALE).astype(np.int32)
+    return i0, i1, w0, w1
+
+
+def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A C x H x W uint8 image resized to C x height x width as OpenCV's cv::resize(INTER_LINEAR).
+
+    Pixel centres are aligned (src = (dst + 0.5) * H / height - 0.5), the two
+    nearest pixels per axis are weighted in 11-bit fixed point, horizontal pass
+    first, then OpenCV's 8-bit vertical rounding; no anti-aliasing when
+    shrinking. An exact 2x reduction averages 2 x 2 blocks, as OpenCV does.
+    Matches OpenCV bit for bit on the fixture images.
+    """
+    c, h, w = image.shape
+    if (h, w) == (height, width):
+        return image.copy()
+    if (h, w) == (2 * height, 2 * width):
+        # OpenCV switches INTER_LINEAR to its fast INTER_AREA path for exact halving.
+        x = image.astype(np.int32)
+        return ((x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2] + 2)
+                >> 2).astype(np.uint8)
+    x0, x1, a0, a1 = _linear_taps(w, width)
+    y0, y1, b0, b1 = _linear_taps(h, height)
+    src = image.astype(np.int32)
+
+    def rows(index):  # horizontal pass on the source rows ``index``: value * 2048
+        picked = src[:, index]
+        return picked[:, :, x0] * a0 + picked[:, :, x1] * a1
+
+    top = (b0[:, None] * (rows(y0) >> 4)) >> 16
+    bottom = (b1[:, None] * (rows(y1) >> 4)) >> 16
+    return ((top + bottom + 2) >> 2).astype(np.uint8)
 
 
 def check_item_shape(shape: tuple, expected: tuple, what: str) -> None:
