@@ -181,55 +181,6 @@ class DataTransformer:
             self._copy(src, self._mean_at(window, mirrored=True), out[i])
 
 
-# ---- resizing ------------------------------------------------------------------------
-_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: weights in 1/2048ths
-_COEF_SCALE = 1 << _COEF_BITS
-
-
-def _linear_taps(src: int, dst: int):
-    """Source indices and fixed-point weights of OpenCV's INTER_LINEAR along one axis."""
-    f = ((np.arange(dst) + 0.5) * (src / dst) - 0.5).astype(np.float32)
-    i0 = np.floor(f).astype(np.int64)
-    f -= i0
-    edge = (i0 < 0) | (i0 >= src - 1)  # outside: the nearest edge pixel, weight 1
-    f[edge] = 0
-    i0 = np.clip(i0, 0, src - 1)
-    i1 = np.minimum(i0 + 1, src - 1)
-    w0 = np.rint((1 - f) * _COEF_SCALE).astype(np.int32)
-    w1 = np.rint(f * _COEF_SCALE).astype(np.int32)
-    return i0, i1, w0, w1
-
-
-def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A C x H x W uint8 image resized to C x height x width as OpenCV's cv::resize(INTER_LINEAR).
-
-    Pixel centres are aligned (src = (dst + 0.5) * H / height - 0.5), the two
-    nearest pixels per axis are weighted in 11-bit fixed point, horizontal pass
-    first, then OpenCV's 8-bit vertical rounding; no anti-aliasing when
-    shrinking. An exact 2x reduction averages 2 x 2 blocks, as OpenCV does.
-    Matches OpenCV bit for bit on the fixture images.
-    """
-    c, h, w = image.shape
-    if (h, w) == (height, width):
-        return image.copy()
-    if (h, w) == (2 * height, 2 * width):
-        # OpenCV switches INTER_LINEAR to its fast INTER_AREA path for exact halving.
-        x = image.astype(np.int32)
-        return ((x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2] + 2)
-                >> 2).astype(np.uint8)
-    x0, x1, a0, a1 = _linear_taps(w, width)
-    y0, y1, b0, b1 = _linear_taps(h, height)
-    src = image.astype(np.int32)
-
-    def rows(index):  # horizontal pass on the source rows ``index``: value * 2048
-        picked = src[:, index]
-        return picked[:, :, x0] * a0 + picked[:, :, x1] * a1
-
-    top = (b0[:, None] * (rows(y0) >> 4)) >> 16
-    bottom = (b1[:, None] * (rows(y1) >> 4)) >> 16
-    return ((top + bottom + 2) >> 2).astype(np.uint8)
-
-
 def check_item_shape(shape: tuple, expected: tuple, what: str) -> None:
     """Every item of a batch must have the batch's first item's shape."""
     if tuple(shape) != tuple(expected):

@@ -25,7 +25,8 @@ import threading
 import numpy as np
 
 from ..data.datum import decode_image
-from ..data.transform import DataTransformer, check_item_shape, resize_linear
+from ..data.resize import resize_chw as resize_linear
+from ..data.transform import DataTransformer, check_item_shape
 from ..errors import DataError
 from ..proto import pb
 from ..registry import register_layer

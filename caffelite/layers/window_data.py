@@ -33,7 +33,8 @@ import os
 
 import numpy as np
 
-from ..data.transform import DataTransformer, resize_linear
+from ..data.resize import resize_chw as resize_linear
+from ..data.transform import DataTransformer
 from ..errors import DataError
 from ..proto import pb
 from ..registry import register_layer

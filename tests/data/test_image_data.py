@@ -10,7 +10,7 @@ from layer_testing import forward, make_layer, setup
 from caffelite.blob import Blob
 from caffelite.data.datum import decode_image
 from caffelite.data.lmdb_source import iter_records
-from caffelite.data.transform import resize_linear
+from caffelite.data.resize import resize_chw as resize_linear
 from caffelite.errors import ConfigError, DataError
 from caffelite.layers.base import TEST, TRAIN, LayerContext
 from caffelite.proto import pb
@@ -69,7 +69,11 @@ def test_resized_images_match_caffe(made, db, size, is_color):
 
 
 def test_resize_linear_reference():
-    """OpenCV's INTER_LINEAR written out pixel by pixel (11-bit weights, 8-bit vertical rounding)."""
+    """OpenCV's INTER_LINEAR written out pixel by pixel (11-bit weights, 8-bit vertical rounding).
+
+    Border columns take the edge pixel with weight 1; border rows keep their
+    weights and only clamp the row index, as OpenCV's kernels do.
+    """
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (2, 7, 9), dtype=np.uint8)
     for h, w in ((4, 5), (11, 13), (7, 3), (1, 1)):
@@ -78,9 +82,8 @@ def test_resize_linear_reference():
             fy = np.float32((y + 0.5) * 7 / h - 0.5)
             sy = int(np.floor(fy))
             fy = np.float32(fy - sy)
-            if sy < 0 or sy >= 6:
-                sy, fy = min(max(sy, 0), 6), np.float32(0)
             by = [int(np.rint((1 - fy) * 2048)), int(np.rint(fy * 2048))]
+            row_index = [min(max(sy + k, 0), 6) for k in (0, 1)]
             for x in range(w):
                 fx = np.float32((x + 0.5) * 9 / w - 0.5)
                 sx = int(np.floor(fx))
@@ -89,8 +92,8 @@ def test_resize_linear_reference():
                     sx, fx = min(max(sx, 0), 8), np.float32(0)
                 ax = [int(np.rint((1 - fx) * 2048)), int(np.rint(fx * 2048))]
                 for c in range(2):
-                    rows = [int(image[c, min(sy + k, 6), sx]) * ax[0] + int(image[c, min(sy + k, 6), min(sx + 1, 8)]) * ax[1]
-                            for k in (0, 1)]
+                    rows = [int(image[c, r, sx]) * ax[0] + int(image[c, r, min(sx + 1, 8)]) * ax[1]
+                            for r in row_index]
                     want = (((by[0] * (rows[0] >> 4)) >> 16) + ((by[1] * (rows[1] >> 4)) >> 16) + 2) >> 2
                     assert out[c, y, x] == want
     halved = resize_linear(image[:, :6, :8], 3, 4).astype(int)

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from layer_testing import forward, make_layer, setup
-from caffelite.data.transform import resize_linear
+from caffelite.data.resize import resize_chw as resize_linear
 from caffelite.errors import ConfigError, DataError
 from caffelite.io.binaryproto import write_binaryproto
 from caffelite.layers.base import TEST, TRAIN
