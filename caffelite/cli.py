@@ -1,8 +1,20 @@
 """The ``caffelite`` command: train, test, time and device_query, as Caffe's ``caffe`` tool.
 
 Every flag is accepted as ``--flag`` and as Caffe's ``-flag``. A user mistake
-prints one line (file, line, layer, what to do) and exits with the error's code
-(2 config, 3 data, 4 training); ``--debug`` shows the traceback instead.
+prints one line (file, line, layer, what to do) and exits with the error's code;
+``--debug`` shows the traceback instead. Exit codes: 0 done, 1 internal error
+(a bug: please report it), 2 configuration or command-line error, 3 data error
+(missing or malformed data, weights or snapshot files), 4 training error
+(divergence, out of memory), 130 interrupted (a second Ctrl-C).
+
+Signals while training (Caffe's ``-sigint_effect`` / ``-sighup_effect``, each
+``stop``, ``snapshot`` or ``none``): they are acted on after the current
+iteration. ``stop`` ends training as Caffe does, which still writes the final
+snapshot when ``snapshot_after_train`` is true (the default). SIGTERM
+snapshots, then stops, and the command exits with 143 (128 + SIGTERM) so a
+job scheduler sees the run as terminated, not done. A second Ctrl-C (or SIGTERM) while the first one's
+request is still pending stops at once (exit 130), but only after a snapshot
+being written is complete.
 """
 from __future__ import annotations
 
@@ -14,7 +26,7 @@ import time
 from typing import Sequence
 
 from .errors import CaffeliteError, ConfigError
-from .log import g, setup_logging
+from .log import ProgressBar, g, is_terminal, setup_logging
 
 log = logging.getLogger("caffelite")
 
@@ -43,10 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train or fine-tune a model")
     _flag(train, "solver", required=True, help="solver file (.yaml or .prototxt)")
     _flag(train, "weights", default=None, help="comma-separated weight files to start from")
-    _flag(train, "snapshot", default=None, help="a .solverstate to resume from")
+    _flag(train, "snapshot", default=None,
+          help="a .solverstate to resume from, or 'auto': the newest complete snapshot of the "
+               "solver's snapshot_prefix (a fresh start when there is none)")
     _flag(train, "sigint_effect", choices=EFFECTS, default="stop", help="what Ctrl-C does")
     _flag(train, "sighup_effect", choices=EFFECTS, default="snapshot", help="what SIGHUP does")
     _flag(train, "set", action="append", default=[], metavar="KEY=VALUE", help="override a solver field")
+    _flag(train, "run_dir", default=None,
+          help="folder for metrics.csv/.jsonl, TensorBoard events and the resolved solver "
+               "(default: the snapshot prefix's folder; 'none' writes none)")
+    _flag(train, "progress", choices=("auto", "on", "off"), default="auto",
+          help="progress bar on stderr (auto: only on a terminal)")
     _common(train)
 
     test = sub.add_parser("test", help="score a model")
@@ -107,37 +126,150 @@ def cmd_train(args) -> int:
     from . import config  # noqa: PLC0415
     from .solvers.base import create_solver  # noqa: PLC0415
 
-    if args.weights and args.snapshot:
+    from .solvers.base import resolve_snapshot_prefix  # noqa: PLC0415
+    from .solvers.snapshots import latest_snapshot  # noqa: PLC0415
+
+    auto = args.snapshot == "auto"
+    if args.weights and args.snapshot and not auto:
         raise ConfigError("give either --weights or --snapshot, not both",
-                          hint="--snapshot resumes a run; --weights starts a new one from trained weights")
+                          hint="--snapshot resumes a run; --weights starts a new one from trained weights "
+                               "(--snapshot auto may be combined with --weights)")
     param = config.load_solver(args.solver, args.set)
     param.train_state.level = args.level
     param.train_state.stage.extend(_stages(args))
-    if args.weights or args.snapshot:
+    resume = args.snapshot
+    if auto:
+        prefix = resolve_snapshot_prefix(param, args.solver)
+        resume = latest_snapshot(prefix) if prefix else None
+        if resume:
+            log.info("--snapshot auto: resuming from %s, the newest complete snapshot of %s%s", resume, prefix,
+                     f" (--weights {args.weights} is not used)" if args.weights else "")
+        else:
+            log.info("--snapshot auto: no complete snapshot %s_iter_* found; starting %s", prefix,
+                     "from --weights" if args.weights else "from scratch")
+    if args.weights or resume:
         # --weights replaces the solver's own; a resumed run takes its weights from the snapshot.
         del param.weights[:]
-        param.weights.extend(w for w in (args.weights or "").split(",") if w)
+        if not resume:
+            param.weights.extend(w for w in (args.weights or "").split(",") if w)
     solver = create_solver(param, source=args.solver, device=_device(args, param))
-    _install_signal_handlers(solver, args.sigint_effect, args.sighup_effect)
     try:
-        solver.solve(resume_file=args.snapshot)
+        _log_summaries(solver.net, solver.test_nets)
+        _attach_run_folder(solver, param, args)
+        if args.progress == "on" or (args.progress == "auto" and is_terminal()):
+            solver.callbacks.append(ProgressBar())
+        with SignalHandlers(solver, args.sigint_effect, args.sighup_effect) as handlers:
+            solver.solve(resume_file=resume)
+    except CaffeliteError as exc:
+        raise locate(exc, solver.net.source or args.solver) from None
     finally:
         solver.close()
-    return 0
+    # Stopped by SIGTERM: the snapshot is written; say "terminated" (128 + 15) to the scheduler.
+    return 128 + signal.SIGTERM if handlers.terminated else 0
 
 
-def _install_signal_handlers(solver, sigint_effect: str, sighup_effect: str) -> None:
-    def handler_for(effect: str):
-        def handle(signum, frame):
-            if effect == "stop":
-                solver.request_stop()
-            elif effect == "snapshot":
-                solver.request_snapshot()
-        return handle
+def _log_summaries(net, test_nets=()) -> None:
+    from .summary import log_summary  # noqa: PLC0415
 
-    signal.signal(signal.SIGINT, handler_for(sigint_effect))
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, handler_for(sighup_effect))
+    log_summary(net, logger=log)
+    for test_net in test_nets:
+        log_summary(test_net, table=False, logger=log)
+
+
+def _attach_run_folder(solver, param, args) -> None:
+    """Metrics files and the resolved solver go to --run_dir, else the snapshot prefix's folder."""
+    import os  # noqa: PLC0415
+
+    from .metrics import RunRecorder, write_resolved_config  # noqa: PLC0415
+
+    folder = args.run_dir
+    if folder is None:
+        folder = (os.path.dirname(solver.prefix) or ".") if solver.prefix else None
+    if not folder or folder.lower() == "none" or solver.rank != 0:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"'{folder}' is not writable")
+        for path in write_resolved_config(folder, param, protect=[args.solver]):
+            log.info("Wrote the resolved configuration to %s", path)
+    except OSError as exc:  # metrics are a comfort: never a reason not to train
+        log.warning("not writing metrics to %s (%s); pass --run_dir DIR to choose another folder",
+                    folder, exc)
+        return
+    solver.callbacks.append(RunRecorder(folder))
+
+
+class SignalHandlers:
+    """Install the training signal handlers (see the module doc) for a ``with`` block."""
+
+    def __init__(self, solver, sigint_effect: str, sighup_effect: str):
+        self.solver = solver
+        self.effects = {signal.SIGINT: sigint_effect}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup_effect
+        if hasattr(signal, "SIGTERM"):
+            self.effects[signal.SIGTERM] = "snapshot+stop"
+        self.pending = False   # a Ctrl-C/SIGTERM request not yet carried out
+        self.stopping = False  # a stop was asked: the run is ending
+        self.terminated = False  # SIGTERM was received
+        self._notes: list[str] = []
+        self._previous: dict = {}
+
+    def __enter__(self) -> "SignalHandlers":
+        import threading  # noqa: PLC0415
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals can only be handled in the main thread
+        for signum in self.effects:
+            self._previous[signum] = signal.signal(signum, self.handle)
+        self.solver.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        if self in self.solver.callbacks:
+            self.solver.callbacks.remove(self)
+
+    def handle(self, signum, frame) -> None:
+        """Only sets flags (printing from a handler can break a write in progress)."""
+        from .io.atomic import interrupt  # noqa: PLC0415
+
+        effect = self.effects.get(signum, "none")
+        escalates = signum != getattr(signal, "SIGHUP", None)
+        if escalates and (self.pending or self.stopping) and effect != "none":
+            interrupt()  # KeyboardInterrupt now, or when the snapshot being written is complete
+            return
+        name = signal.Signals(signum).name
+        self.terminated |= signum == getattr(signal, "SIGTERM", None)
+        if effect == "none":
+            self._notes.append(f"{name} ignored ({name.lower()[3:]}_effect none)")
+            return
+        if "snapshot" in effect:
+            self.solver.request_snapshot()
+        if "stop" in effect:
+            self.solver.request_stop()
+            self.stopping = True
+        if escalates:
+            self.pending = True
+        again = "; send it again to stop at once" if escalates else ""
+        self._notes.append(f"{name}: {effect.replace('+', ' then ')} requested{again}")
+
+    # solver callbacks: report from the training thread, not from the handler
+    def on_iteration_end(self, solver) -> None:
+        while self._notes:
+            log.info("%s", self._notes.pop(0))
+
+    def on_snapshot(self, solver, model_path, state_path) -> None:
+        if not self.stopping:
+            self.pending = False
+
+
+def locate(exc: CaffeliteError, net_source: str | None, weights: str | None = None) -> CaffeliteError:
+    from .solvers.base import locate_error  # noqa: PLC0415
+
+    return locate_error(exc, net_source, weights)
 
 
 def _load_net(args, phase: int):
@@ -148,8 +280,17 @@ def _load_net(args, phase: int):
     param = config.load_net(args.model)
     net = Net(param, phase=phase, level=args.level, stages=_stages(args),
               device=_device(args), source=args.model)
-    if args.weights:
-        copy_weights(net, args.weights)
+    try:
+        if args.weights:
+            for weights in (w.strip() for w in args.weights.split(",") if w.strip()):
+                try:
+                    copy_weights(net, weights)
+                except CaffeliteError as exc:
+                    raise locate(exc, args.model, weights) from None
+        _log_summaries(net)
+    except BaseException:
+        net.close()
+        raise
     return net
 
 
@@ -159,28 +300,34 @@ def cmd_test(args) -> int:
     if args.iterations < 1:
         raise ConfigError("--iterations must be at least 1")
     net = _load_net(args, TEST)
+    try:
+        return _run_test(args, net)
+    except CaffeliteError as exc:
+        raise locate(exc, args.model) from None
+    finally:
+        net.close()
+
+
+def _run_test(args, net) -> int:
     log.info("Running for %d iterations.", args.iterations)
     scores: list[float] = []
     names: list[str] = []
     weights: list[float] = []
     total_loss = 0.0
-    try:
-        for i in range(args.iterations):
-            loss = net.forward()
-            total_loss += loss
-            k = 0
-            for name, blob in zip(net.output_blob_names, net.output_blobs):
-                for value in blob.cpu_data().ravel().tolist():
-                    if i == 0:
-                        scores.append(value)
-                        names.append(name)
-                        weights.append(net.blob_loss_weights.get(name, 0.0))
-                    else:
-                        scores[k] += value
-                    log.info("Batch %d, %s = %s", i, name, g(value))
-                    k += 1
-    finally:
-        net.close()
+    for i in range(args.iterations):
+        loss = net.forward()
+        total_loss += loss
+        k = 0
+        for name, blob in zip(net.output_blob_names, net.output_blobs):
+            for value in blob.cpu_data().ravel().tolist():
+                if i == 0:
+                    scores.append(value)
+                    names.append(name)
+                    weights.append(net.blob_loss_weights.get(name, 0.0))
+                else:
+                    scores[k] += value
+                log.info("Batch %d, %s = %s", i, name, g(value))
+                k += 1
     log.info("Loss: %s", g(total_loss / args.iterations))
     for name, score, weight in zip(names, scores, weights):
         mean = score / args.iterations
@@ -196,50 +343,60 @@ def cmd_time(args) -> int:
         raise ConfigError("--iterations must be at least 1")
     net = _load_net(args, TRAIN if args.phase == "TRAIN" else TEST)
     try:
-        log.info("Performing Forward")
-        log.info("Initial loss: %s", g(net.forward()))
-        log.info("Performing Backward")
-        net.backward()
-        n = len(net.layers)
-        fwd, bwd = [0.0] * n, [0.0] * n
-        sync = _synchronizer(net)
-        log.info("*** Benchmark begins ***")
-        log.info("Testing for %d iterations.", args.iterations)
-        total_start = time.perf_counter()
-        fwd_total = bwd_total = 0.0
-        for it in range(args.iterations):
-            start = time.perf_counter()
-            for i, layer in enumerate(net.layers):
-                t0 = time.perf_counter()
-                layer.reshape(net.bottom_vecs[i], net.top_vecs[i])
-                layer.forward(net.bottom_vecs[i], net.top_vecs[i])
-                sync()
-                fwd[i] += time.perf_counter() - t0
-            mid = time.perf_counter()
-            for i in reversed(range(n)):
-                if not net.layer_need_backward[i]:
-                    continue
-                t0 = time.perf_counter()
-                net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
-                sync()
-                bwd[i] += time.perf_counter() - t0
-            end = time.perf_counter()
-            fwd_total += mid - start
-            bwd_total += end - mid
-            log.info("Iteration: %d forward-backward time: %.3f ms.", it + 1, (end - start) * 1e3)
-        total = time.perf_counter() - total_start
-        log.info("Average time per layer: ")
-        width = max(len(name) for name in net.layer_names)
-        for i, name in enumerate(net.layer_names):
-            log.info("%*s\tforward: %.4f ms.", width, name, fwd[i] / args.iterations * 1e3)
-            log.info("%*s\tbackward: %.4f ms.", width, name, bwd[i] / args.iterations * 1e3)
-        log.info("Average Forward pass: %.4f ms.", fwd_total / args.iterations * 1e3)
-        log.info("Average Backward pass: %.4f ms.", bwd_total / args.iterations * 1e3)
-        log.info("Average Forward-Backward: %.4f ms.", (fwd_total + bwd_total) / args.iterations * 1e3)
-        log.info("Total Time: %.3f ms.", total * 1e3)
-        log.info("*** Benchmark ends ***")
+        return _run_time(args, net)
+    except CaffeliteError as exc:
+        raise locate(exc, args.model) from None
     finally:
         net.close()
+
+
+def _run_time(args, net) -> int:
+    log.info("Performing Forward")
+    log.info("Initial loss: %s", g(net.forward()))
+    log.info("Performing Backward")
+    net.backward()
+    n = len(net.layers)
+    fwd, bwd = [0.0] * n, [0.0] * n
+    sync = _synchronizer(net)
+    log.info("*** Benchmark begins ***")
+    log.info("Testing for %d iterations.", args.iterations)
+    total_start = time.perf_counter()
+    fwd_total = bwd_total = 0.0
+    for it in range(args.iterations):
+        start = time.perf_counter()
+        for i, layer in enumerate(net.layers):
+            t0 = time.perf_counter()
+            try:
+                layer.reshape(net.bottom_vecs[i], net.top_vecs[i])
+                layer.forward(net.bottom_vecs[i], net.top_vecs[i])
+            except CaffeliteError as exc:
+                exc.layer = exc.layer or net.layer_names[i]
+                raise
+            sync()
+            fwd[i] += time.perf_counter() - t0
+        mid = time.perf_counter()
+        for i in reversed(range(n)):
+            if not net.layer_need_backward[i]:
+                continue
+            t0 = time.perf_counter()
+            net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+            sync()
+            bwd[i] += time.perf_counter() - t0
+        end = time.perf_counter()
+        fwd_total += mid - start
+        bwd_total += end - mid
+        log.info("Iteration: %d forward-backward time: %.3f ms.", it + 1, (end - start) * 1e3)
+    total = time.perf_counter() - total_start
+    log.info("Average time per layer: ")
+    width = max(len(name) for name in net.layer_names)
+    for i, name in enumerate(net.layer_names):
+        log.info("%*s\tforward: %.4f ms.", width, name, fwd[i] / args.iterations * 1e3)
+        log.info("%*s\tbackward: %.4f ms.", width, name, bwd[i] / args.iterations * 1e3)
+    log.info("Average Forward pass: %.4f ms.", fwd_total / args.iterations * 1e3)
+    log.info("Average Backward pass: %.4f ms.", bwd_total / args.iterations * 1e3)
+    log.info("Average Forward-Backward: %.4f ms.", (fwd_total + bwd_total) / args.iterations * 1e3)
+    log.info("Total Time: %.3f ms.", total * 1e3)
+    log.info("*** Benchmark ends ***")
     return 0
 
 
@@ -297,8 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"caffelite {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("caffelite: interrupted", file=sys.stderr)
+        print(f"caffelite {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        if args.debug:
+            raise
+        print(f"caffelite {args.command}: error: out of memory ({type(exc).__name__}: {exc}) "
+              f"(lower batch_size and raise iter_size by the same factor to keep the effective batch)",
+              file=sys.stderr)
+        return 4
     except Exception as exc:  # an internal error: one line unless --debug
         if args.debug:
             raise

@@ -21,14 +21,27 @@ with ``@register_solver("Name")``.
 Hooks: objects in ``solver.callbacks`` may define any of ``on_start(solver)``
 (before forward/backward), ``on_gradients_ready(solver)`` (before the update;
 multi-device reduction goes here), ``on_iteration_end(solver)``,
-``on_display(solver, outputs)``, ``on_test(solver, test_net_id, results)`` and
-``on_snapshot(solver, model_path, state_path)``. ``request_stop()`` and
-``request_snapshot()`` are safe to call from a signal handler; they are acted
-on once per iteration (and between test batches), as in Caffe.
+``on_display(solver, outputs)``, ``on_test(solver, test_net_id, results)``,
+``on_snapshot(solver, model_path, state_path)``, and ``on_solve_start(solver)`` /
+``on_solve_end(solver)`` around ``solve`` (after a restore; the end hook also
+runs when training fails). ``request_stop()`` and ``request_snapshot()`` are
+safe to call from a signal handler; they are acted on once per iteration (and
+between test batches), as in Caffe.
+
+Divergence: the loss of every forward/backward pass is checked (one scalar;
+with ``clip_gradients`` the global gradient norm too, which is computed anyway)
+and the weights are checked before each snapshot. A NaN or Inf stops training
+with a TrainingError naming the iteration and the layer found by
+``caffelite.diagnose``; no snapshot of the diverged weights is written.
+
+Snapshots: each set is written inside ``io.atomic.critical()`` (a second Ctrl-C
+waits for it); ``snapshot_keep`` (a caffelite field) then deletes the sets
+older than the newest K.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -38,7 +51,8 @@ from google.protobuf import text_format
 
 from ..backend import CPU, Device, gpu_available, seed_from_clock
 from ..blob import Blob
-from ..errors import ConfigError, DataError
+from ..errors import CaffeliteError, ConfigError, DataError, TrainingError
+from ..io.atomic import critical
 from ..io.solverstate import SolverStateData, read_extra, read_solverstate, write_extra, write_solverstate
 from ..io.weights import copy_weights, save_weights
 from ..layers.base import TEST, TRAIN
@@ -141,8 +155,11 @@ class Solver:
 
         self._check_param()
         self.check_param(param)
-        self._lr_policy = get_lr_policy(param)
-        self._lr_policy(param, 0, 0, self._dt)  # settings the policy needs are checked now, not at iteration 0
+        try:
+            self._lr_policy = get_lr_policy(param)
+            self._lr_policy(param, 0, 0, self._dt)  # settings the policy needs are checked now
+        except CaffeliteError as exc:
+            raise locate_error(exc, self.source) from None
         seed = param.random_seed if param.random_seed >= 0 else seed_from_clock()
         self.seed = int(seed) + rank
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
@@ -152,7 +169,10 @@ class Solver:
             net.share_trained_layers_with(self.net)
         for weights in param.weights:
             for net in [self.net, *self.test_nets]:
-                copy_weights(net, weights)
+                try:
+                    copy_weights(net, weights)
+                except CaffeliteError as exc:
+                    raise locate_error(exc, net.source or self.source, weights) from None
         self.prefix = resolve_snapshot_prefix(param, self.source, self.net.name)
         self._check_prefix()
         self.history = [Blob(p.shape, p.dtype, p.device, name=f"history{k}_{i}")
@@ -266,6 +286,14 @@ class Solver:
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
+        self._call("on_solve_start")
+        try:
+            self._solve()
+        finally:
+            self._call("on_solve_end")
+
+    def _solve(self) -> None:
+        p = self.param
         self.step(p.max_iter - self.iter)
         if (p.snapshot_after_train and self.rank == 0 and self._last_snapshot_iter != self.iter
                 and (not p.snapshot or self.iter % p.snapshot != 0)):
@@ -302,6 +330,8 @@ class Solver:
             loss = self._dt(0)
             for _ in range(p.iter_size):
                 loss += self._dt(self.net.forward_backward())
+                if not math.isfinite(loss):  # one scalar per pass: the only per-iteration cost
+                    raise self.diverged(f"the loss is {loss}")
             loss /= self._dt(p.iter_size)
             self.loss = loss
             self._update_smoothed_loss(loss)
@@ -356,6 +386,10 @@ class Solver:
         return out
 
     # ---- the update ----------------------------------------------------------------------------
+    def current_lr(self) -> float:
+        """The learning rate of the current iteration, without side effects (for metrics)."""
+        return float(self._lr_policy(self.param, self.iter, self.current_step, self._dt)[0])
+
     def get_learning_rate(self) -> float:
         rate, step = self._lr_policy(self.param, self.iter, self.current_step, self._dt)
         if self.param.lr_policy == "multistep" and step != self.current_step:
@@ -384,6 +418,8 @@ class Solver:
             d = blob.diff.ravel()
             sumsq += self._dt(float(self._xp.dot(d, d)))
         l2norm = np.sqrt(sumsq)
+        if not math.isfinite(l2norm):
+            raise self.diverged(f"the gradient's L2 norm is {l2norm}")
         if l2norm > clip:
             scale = self._dt(clip) / l2norm
             log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
@@ -511,7 +547,24 @@ class Solver:
         return f"{self.prefix}_iter_{self.iter}{extension}"
 
     def snapshot(self) -> tuple[str, str]:
-        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (or their .h5 forms)."""
+        """Write ``<prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (or their .h5 forms).
+
+        Refuses (TrainingError) when the weights are not finite, so the last snapshot on
+        disk is always a good one; a second Ctrl-C waits until the whole set is written."""
+        from ..diagnose import nonfinite_params  # noqa: PLC0415
+
+        if nonfinite_params(self.net) is not None:
+            raise self.diverged("the weights are not finite", when="before the snapshot of")
+        with critical():
+            paths = self._write_snapshot()
+        if self.param.snapshot_keep > 0 and self.prefix:
+            from .snapshots import prune_snapshots  # noqa: PLC0415
+
+            prune_snapshots(self.prefix, self.param.snapshot_keep, self.iter)
+        self._call("on_snapshot", *paths)
+        return paths
+
+    def _write_snapshot(self) -> tuple[str, str]:
         h5 = self.param.snapshot_format == HDF5
         kind = "HDF5 file" if h5 else "binary proto file"
         model_path = self.snapshot_filename(".caffemodel.h5" if h5 else ".caffemodel")
@@ -525,8 +578,36 @@ class Solver:
             history=[h.cpu_data() for h in self.history]))
         self._last_snapshot_iter = self.iter
         self.last_snapshot = (model_path, state_path)
-        self._call("on_snapshot", model_path, state_path)
         return model_path, state_path
+
+    def diverged(self, what: str, when: str = "at") -> TrainingError:
+        """The TrainingError for a NaN/Inf, after a diagnostic pass over the current batch."""
+        from ..diagnose import diagnose  # noqa: PLC0415
+
+        try:
+            found = diagnose(self.net)
+            detail = found.detail
+        except Exception as exc:  # the diagnosis must not hide the divergence itself
+            found, detail = None, f"the diagnostic pass failed ({type(exc).__name__}: {exc})"
+        if self.last_snapshot is not None:
+            resume = (f"the last good snapshot is {self.last_snapshot[1]}: resume with --snapshot "
+                      f"{self.last_snapshot[1]} (or --snapshot auto)")
+        else:
+            resume = "no snapshot was written yet"
+        hint = (f"training stopped and the diverged weights were not saved; {resume}; lower base_lr "
+                f"(now {g(self.param.base_lr)}) or set clip_gradients (e.g. 10)")
+        file, line = self.source, None
+        layer = found.layer if found is not None else None
+        if layer and self.net.source:
+            from ..config import layer_line  # noqa: PLC0415
+
+            file, line = self.net.source, layer_line(self.net.source, layer)
+        error = TrainingError(f"iteration {self.iter}: {what}; {detail}" if when == "at" else
+                              f"{when} iteration {self.iter}: {what}; {detail}",
+                              file=file, line=line, hint=hint)
+        error.layer = layer  # named in the message already; kept for callers
+        error.diagnosis = found
+        return error
 
     def extra_state(self) -> dict:
         """What an exact resume needs beyond Caffe's SolverState (JSON-safe)."""
@@ -545,8 +626,13 @@ class Solver:
         (and caffelite's sidecar state when present)."""
         state_file = os.fspath(state_file)
         state = read_solverstate(state_file)
+        weights = None
         if state.learned_net:
-            copy_weights(self.net, _find_learned_net(state.learned_net, state_file))
+            weights = _find_learned_net(state.learned_net, state_file)
+            try:
+                copy_weights(self.net, weights)
+            except CaffeliteError as exc:
+                raise locate_error(exc, self.net.source or self.source, weights) from None
         if len(state.history) != len(self.history):
             raise ConfigError(f"the solver state holds {len(state.history)} history blobs; this "
                               f"{self.type} solver needs {len(self.history)} for this net",
@@ -561,6 +647,7 @@ class Solver:
             blob.set_data(array.reshape(blob.shape))
         self.iter = state.iter
         self.current_step = state.current_step
+        self.last_snapshot = (weights, state_file)
         extra = read_extra(state_file)
         if extra is None:
             return
@@ -586,6 +673,24 @@ class Solver:
         return f"{type(self).__name__}(net='{self.net.name}', iter={self.iter})"
 
 
+def locate_error(exc: CaffeliteError, source: str | None, weights: str | None = None) -> CaffeliteError:
+    """Give an error without a file the file it belongs to: the net file and the line of the
+    layer it names (errors raised while running or copying weights), else ``source``; name
+    the weights file it came from."""
+    if exc.file:
+        return exc
+    if weights:
+        exc.message = f"{exc.message} (weights file '{weights}')"
+    if exc.layer and source:
+        from ..config import layer_line  # noqa: PLC0415
+
+        exc.file, exc.line = source, exc.line or layer_line(source, exc.layer)
+    else:
+        exc.file = weights or source
+    exc.args = (exc.format(),)
+    return exc
+
+
 def _find_learned_net(learned: str, state_file: str) -> str:
     """The weights a solver state names: as written, else beside the solver state."""
     folder = os.path.dirname(state_file)
@@ -600,4 +705,4 @@ def _find_learned_net(learned: str, state_file: str) -> str:
                     file=state_file, hint="keep the .caffemodel next to its .solverstate")
 
 
-__all__ = ["Solver", "create_solver", "upgrade_solver_type", "resolve_snapshot_prefix", "default_device"]
+__all__ = ["Solver", "create_solver", "locate_error", "upgrade_solver_type", "resolve_snapshot_prefix", "default_device"]
