@@ -14,7 +14,6 @@ from collections import Counter
 from typing import Iterable
 
 import numpy as np
-from google.protobuf import text_format
 
 from .backend import CPU, Device
 from .blob import Blob
@@ -89,9 +88,15 @@ def insert_splits(param):
     for i, layer in enumerate(param.layer):
         for j, blob in enumerate(layer.bottom):
             if blob not in last_top:
+                later = [l.name for l in param.layer[i:] if blob in l.top]
+                if later:
+                    raise ConfigError(f"bottom '{blob}' is produced only by the later layer '{later[0]}'",
+                                      layer=layer.name,
+                                      hint="layers run in file order and read only tops of layers above "
+                                           "them (a net has no cycles): move this layer below it")
                 raise ConfigError(f"bottom '{blob}' is not produced by any earlier layer",
                                   layer=layer.name,
-                                  hint="check the spelling, the layer order and the include/exclude "
+                                  hint="check the spelling and the include/exclude "
                                        "rules of the layer that should produce it")
             source_of[(i, j)] = last_top[blob]
             consumers[last_top[blob]] += 1
@@ -317,12 +322,16 @@ class Net:
         """Run layers ``start..end`` (inclusive); returns the weighted loss."""
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
-        for i in range(start, end + 1):
-            layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
-            layer.reshape(bottom, top)
-            layer.forward(bottom, top)
-            for hook in self.after_forward:
-                hook(i)
+        i = start
+        try:
+            for i in range(start, end + 1):
+                layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+                for hook in self.after_forward:
+                    hook(i)
+        except CaffeliteError as exc:
+            raise self._named(exc, i) from None
         for i, blob, weight in self._loss_tops:
             if start <= i <= end:
                 loss += weight * float(blob.data.sum())
@@ -332,11 +341,21 @@ class Net:
         """Backward through every layer that needs it; ``after_backward`` hooks see each index."""
         for _, blob, weight in self._loss_tops:
             blob.diff[...] = weight
-        for i in reversed(range(len(self.layers))):
-            if self.layer_need_backward[i]:
-                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
-                for hook in self.after_backward:
-                    hook(i)
+        i = len(self.layers) - 1
+        try:
+            for i in reversed(range(len(self.layers))):
+                if self.layer_need_backward[i]:
+                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+                    for hook in self.after_backward:
+                        hook(i)
+        except CaffeliteError as exc:
+            raise self._named(exc, i) from None
+
+    def _named(self, exc: CaffeliteError, layer_index: int) -> CaffeliteError:
+        """An error raised while layer ``layer_index`` ran, with that layer and its file line."""
+        exc.layer = exc.layer or self.layer_names[layer_index]
+        exc.args = (exc.format(),)
+        return _locate(exc, self.source)
 
     def forward_backward(self) -> float:
         loss = self.forward()
@@ -553,4 +572,4 @@ def _locate(exc: CaffeliteError, source: str | None) -> CaffeliteError:
 
 
 __all__ = ["Net", "make_state", "filter_net", "insert_splits", "state_meets_rule",
-           "blob_proto_to_array", "array_to_blob_proto", "text_format"]
+           "blob_proto_to_array", "array_to_blob_proto"]

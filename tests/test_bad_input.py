@@ -126,7 +126,7 @@ CASES = {
     "cycle (a layer reading a later top)": (
         time_net(GOOD.replace("bottom: x", "bottom: z")
                  + "  - {name: ip2, type: InnerProduct, bottom: y, top: z, inner_product_param: {num_output: 3}}\n"),
-        CONFIG, r"case\.yaml:4: layer 'ip': bottom 'z' is not produced by any earlier layer .*layer order"),
+        CONFIG, r"case\.yaml:4: layer 'ip': bottom 'z' is produced only by the later layer 'ip2' .*file order"),
     "concat shape mismatch": (
         time_net(GOOD + "  - {name: cat, type: Concat, bottom: [x, y], top: c, concat_param: {axis: 0}}\n"),
         CONFIG, r"case\.yaml:5: layer 'cat': \(Concat\) bottom 1 has shape \(2, 2\) but bottom 0 has \(2, 3\)"),
@@ -170,7 +170,7 @@ CASES = {
     "corrupt LMDB record": (time_net(LMDB_NET % "corrupt_lmdb"), DATA,
                             r"case\.yaml:3: layer 'data': record '00000000' of 'corrupt_lmdb' is not a Datum"),
     "corrupt later LMDB record": (time_net(LMDB_NET % "corrupt2_lmdb"), DATA,
-                                  r"case\.yaml: .*record '00000001' of 'corrupt2_lmdb' is not a Datum"),
+                                  r"case\.yaml:3: layer 'data': record '00000001' of 'corrupt2_lmdb' is not a Datum"),
     "HDF5 file without the dataset": (time_net(H5_NET % "nolabel_list.txt"), DATA,
                                       r"case\.yaml:3: layer 'data': HDF5 file '.*nolabel\.h5' has no dataset "
                                       r"'label' \(it holds: data\)"),

@@ -192,11 +192,6 @@ def _valid_h5(folder) -> bytes:
     return path.read_bytes()
 
 
-# HDF5Source._inspect reads a damaged file's links without catching h5py's RuntimeError and
-# KeyError ("Unable to synchronously check link existence (bad local heap ...)"); the fix
-# (catch them there and in _load as DataError) is for caffelite/data/hdf5_source.py.
-@pytest.mark.xfail(strict=False,
-                   reason="hdf5_source.py lets h5py's RuntimeError/KeyError through on damaged files")
 @FUZZ
 @given(data=st.data())
 def test_mutated_hdf5_bytes(tmp_path, data):

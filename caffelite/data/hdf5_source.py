@@ -71,6 +71,12 @@ class HDF5Source:
 
     def _inspect(self, path: str) -> int:
         """Check one file's datasets; returns its row count."""
+        try:
+            return self._inspect_open(path)
+        except H5_ERRORS as exc:
+            raise _damaged(path, exc) from None
+
+    def _inspect_open(self, path: str) -> int:
         counts = {}
         with _open(path) as f:
             for name in self.names:
@@ -158,10 +164,18 @@ class HDF5Source:
             with _open(path) as f:
                 try:
                     self._cached = {name: f[name][()] for name in self.names}
-                except (OSError, KeyError) as exc:
-                    raise DataError(f"cannot read HDF5 file '{path}': {exc}") from None
+                except H5_ERRORS as exc:
+                    raise _damaged(path, exc) from None
             self._cached_file = file
         return self._cached
+
+
+# What h5py raises on a damaged file, besides its OSError for unreadable ones.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def _damaged(path: str, exc: Exception) -> DataError:
+    return DataError(f"HDF5 file '{path}' is damaged: {exc}", hint="re-create the file")
 
 
 def _open(path: str) -> h5py.File:
