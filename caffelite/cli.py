@@ -19,6 +19,7 @@ being written is complete.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -108,10 +109,8 @@ def _device(args, solver_param=None):
         if not gpu_available():
             raise ConfigError("--gpu all: no GPU found", hint="run without --gpu to use the CPU")
         spec = "0"
-    ids = [s for s in spec.split(",") if s.strip()]
-    if len(ids) > 1:
-        raise ConfigError(f"--gpu {spec}: training on several devices is not available yet",
-                          hint="pass one device id")
+    # test and time run on one device: the first listed, as Caffe (train spreads over all).
+    ids = [s for s in spec.split(",") if s.strip()] or ["0"]
     try:
         return Device.gpu(int(ids[0]))
     except ValueError:
@@ -124,10 +123,11 @@ def _stages(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from . import config  # noqa: PLC0415
-    from .solvers.base import create_solver  # noqa: PLC0415
-
-    from .solvers.base import resolve_snapshot_prefix  # noqa: PLC0415
+    from .parallel import env_rank, parallel_requested, quiet_other_ranks, train_parallel  # noqa: PLC0415
+    from .solvers.base import create_solver, resolve_snapshot_prefix  # noqa: PLC0415
     from .solvers.snapshots import latest_snapshot  # noqa: PLC0415
+
+    quiet_other_ranks(env_rank())
 
     auto = args.snapshot == "auto"
     if args.weights and args.snapshot and not auto:
@@ -152,18 +152,31 @@ def cmd_train(args) -> int:
         del param.weights[:]
         if not resume:
             param.weights.extend(w for w in (args.weights or "").split(",") if w)
+    if parallel_requested(args.gpu):
+        if args.gpu is None and param.HasField("solver_mode") and param.solver_mode == param.GPU:
+            args.gpu = "all"  # mpirun with a GPU solver: each rank takes its node-local GPU
+        return train_parallel(param, source=args.solver, gpu=args.gpu, resume_file=resume,
+                              body=functools.partial(train_body, args=args, param=param), debug=args.debug)
     solver = create_solver(param, source=args.solver, device=_device(args, param))
     try:
+        return train_body(solver, resume, args=args, param=param)
+    finally:
+        solver.close()
+
+
+def train_body(solver, resume: str | None, *, args, param) -> int:
+    """Train one (rank's) solver with the command line's comforts; module level so that
+    spawned GPU ranks can receive it."""
+    try:
         _log_summaries(solver.net, solver.test_nets)
-        _attach_run_folder(solver, param, args)
-        if args.progress == "on" or (args.progress == "auto" and is_terminal()):
-            solver.callbacks.append(ProgressBar())
+        if solver.rank == 0:  # one run folder and one progress bar
+            _attach_run_folder(solver, param, args)
+            if args.progress == "on" or (args.progress == "auto" and is_terminal()):
+                solver.callbacks.append(ProgressBar())
         with SignalHandlers(solver, args.sigint_effect, args.sighup_effect) as handlers:
             solver.solve(resume_file=resume)
     except CaffeliteError as exc:
         raise locate(exc, solver.net.source or args.solver) from None
-    finally:
-        solver.close()
     # Stopped by SIGTERM: the snapshot is written; say "terminated" (128 + 15) to the scheduler.
     return 128 + signal.SIGTERM if handlers.terminated else 0
 

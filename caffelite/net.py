@@ -310,6 +310,11 @@ class Net:
         return self._param_state.learnable
 
     @property
+    def learnable_param_ids(self) -> list[int]:
+        """For each parameter blob (all of them, shared ones too): its index in ``learnable_params``."""
+        return self._param_state._learnable_id
+
+    @property
     def params_lr(self) -> list[float]:
         return self._param_state.lr
 

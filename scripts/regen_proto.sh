@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate caffelite/proto/caffelite_pb2.py from caffelite.proto.
+# Regenerate the protobuf modules (caffelite_pb2.py, tensorboard_pb2.py) from their .proto files.
 # Run from the repository root. Needs grpcio-tools (python -m grpc_tools.protoc).
 set -euo pipefail
 
@@ -10,5 +10,7 @@ if [ ! -f caffelite/proto/caffelite.proto ]; then
   exit 1
 fi
 
-"$PYTHON" -m grpc_tools.protoc -I . --python_out=. caffelite/proto/caffelite.proto
-echo "wrote caffelite/proto/caffelite_pb2.py"
+for proto in caffelite/proto/caffelite.proto caffelite/proto/tensorboard.proto; do
+  "$PYTHON" -m grpc_tools.protoc -I . --python_out=. "$proto"
+  echo "wrote ${proto%.proto}_pb2.py"
+done

@@ -305,7 +305,7 @@ class Solver:
             # Forward only: the weights have had their max_iter updates; this shows the final loss.
             self._update_smoothed_loss(self._dt(self.net.forward()))
             log.info("Iteration %d, loss = %s", self.iter, g(self.smoothed_loss))
-        if p.test_interval and self.iter % p.test_interval == 0:
+        if p.test_interval and self.iter % p.test_interval == 0 and self.rank == 0:
             self.test_all()
         log.info("Optimization Done.")
 
@@ -341,8 +341,8 @@ class Solver:
             self.apply_update()
             self.iter += 1
             self._call("on_iteration_end")
-            snapshot_asked, stop_asked = self._take_requests()
-            if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or snapshot_asked:
+            snapshot_asked, stop_asked = self.take_requests()
+            if ((p.snapshot and self.iter % p.snapshot == 0) or snapshot_asked) and self.rank == 0:
                 self.snapshot()
             if stop_asked:
                 self.requested_early_exit = True
@@ -491,13 +491,13 @@ class Solver:
         n_iter = self.param.test_iter[test_net_id]
         scores, loss = None, self._dt(0)
         for _ in range(n_iter):
-            snapshot_asked, stop_asked = self._take_requests()
+            snapshot_asked, stop_asked = self.take_requests()
             while snapshot_asked or stop_asked:
                 if snapshot_asked:
                     self.snapshot()
                 if stop_asked:
                     self.requested_early_exit = True
-                snapshot_asked, stop_asked = self._take_requests()
+                snapshot_asked, stop_asked = self.take_requests()
             if self.requested_early_exit:
                 break
             iter_loss = net.forward()
@@ -529,7 +529,8 @@ class Solver:
         """Snapshot after the current iteration (or test batch) and go on."""
         self._snapshot_requested = True
 
-    def _take_requests(self) -> tuple[bool, bool]:
+    def take_requests(self) -> tuple[bool, bool]:
+        """(snapshot asked, stop asked) since the last call; a multi-process solver agrees on them."""
         snapshot_asked, stop_asked = self._snapshot_requested, self._stop_requested
         self._snapshot_requested = self._stop_requested = False
         return snapshot_asked, stop_asked
