@@ -1,5 +1,4 @@
 """BatchNorm: batch and global statistics, running averages, gradients, in place, real Caffe."""
-import lmdb
 import numpy as np
 import pytest
 
@@ -10,6 +9,7 @@ from caffelite.layers.base import TEST, TRAIN
 from caffelite.net import Net, blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, forward, make_layer, run
 
 EPS = float(np.float32(1e-5))
@@ -144,20 +144,6 @@ def test_float32_stays_float32():
     assert y.dtype == np.float32 and layer.blobs[0].dtype == np.float32
     mean, var, _ = channel_stats_ref(x.astype(np.float64))
     np.testing.assert_allclose(y, normalize_ref(x.astype(np.float64), mean, var), rtol=1e-4, atol=1e-5)
-
-
-def caffe_blob(name):
-    """A blob extracted from real Caffe's fixture net (8 items, TEST phase)."""
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 def test_batch_norm_scale_relu_in_place_match_caffe():

@@ -1,7 +1,6 @@
 """Convolution and Deconvolution: loop references, gradients, Caffe's shapes and numbers."""
 import itertools
 
-import lmdb
 import numpy as np
 import pytest
 
@@ -10,6 +9,7 @@ from caffelite.layers import im2col
 from caffelite.net import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, forward, make_layer, run, setup
 
 FILLERS = {"weight_filler": {"type": "gaussian", "std": 0.5},
@@ -288,20 +288,6 @@ def test_engines_accepted():
 
 
 # ---- real Caffe ------------------------------------------------------------------
-
-def caffe_blob(name):
-    """A blob extracted from real Caffe's fixture net (8 items, TEST phase)."""
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
-
 
 def caffe_layer(name):
     net = pb.NetParameter()

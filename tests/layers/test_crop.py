@@ -1,13 +1,13 @@
 """Crop: offsets per axis, reference loops, gradients, errors, real-Caffe numbers."""
 import itertools
 
-import lmdb
 import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, run
 
 
@@ -69,19 +69,6 @@ def test_float32_keeps_dtype():
                         crop_param={"offset": [2]})
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, a[:, :, 2:4, 2:4])
-
-
-def caffe_blob(name):
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 def test_matches_caffe():

@@ -1,5 +1,4 @@
 """InnerProduct: NumPy reference, axis/transpose variants, gradients, real-Caffe numbers."""
-import lmdb
 import numpy as np
 import pytest
 
@@ -7,6 +6,7 @@ from caffelite.errors import ConfigError
 from caffelite.net import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, forward, run
 
 FILLERS = {"weight_filler": {"type": "gaussian", "std": 0.5},
@@ -73,20 +73,6 @@ def test_num_output_required():
 def test_default_fillers():
     _, _, _, (y,) = run("InnerProduct", [np.ones((2, 3))], inner_product_param={"num_output": 2})
     np.testing.assert_array_equal(y, 0)  # constant 0 weight and bias
-
-
-def caffe_blob(name):
-    """A blob extracted from real Caffe's fixture net (8 items, TEST phase)."""
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 @pytest.mark.parametrize("name,bottom_name,transpose", [

@@ -1,11 +1,11 @@
 """LRN across and within channels: NumPy reference, gradients, real-Caffe numbers."""
-import lmdb
 import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, run
 
 
@@ -84,20 +84,6 @@ def test_even_local_size_is_an_error():
 def test_needs_four_axes():
     with pytest.raises(ConfigError, match="4-axis"):
         run("LRN", [np.ones((2, 3))])
-
-
-def caffe_blob(name):
-    """A blob extracted from real Caffe's fixture net (8 items, TEST phase)."""
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 @pytest.mark.parametrize("bottom_name,name,lrn_param", [

@@ -1,11 +1,11 @@
 """MVN: NumPy reference for each variant, gradients, in place, real-Caffe numbers."""
-import lmdb
 import numpy as np
 import pytest
 
 from caffelite.blob import Blob
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, make_layer, run
 
 
@@ -72,20 +72,6 @@ def test_in_place_matches(param):
     blob.set_diff(dy)
     layer2.backward([blob], [True], [blob])
     np.testing.assert_allclose(blob.cpu_diff(), bottom[0].cpu_diff(), rtol=1e-10, atol=1e-12)
-
-
-def caffe_blob(name):
-    """A blob extracted from real Caffe's fixture net (8 items, TEST phase)."""
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 def test_matches_caffe():

@@ -1,5 +1,4 @@
 """ReLU, Sigmoid, TanH, Dropout, PReLU: NumPy references, gradients, in place."""
-import lmdb
 import numpy as np
 import pytest
 
@@ -9,6 +8,7 @@ from caffelite.layers.base import TEST, TRAIN
 from caffelite.net import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, make_layer, run
 
 SHAPE = (2, 3, 4, 5)
@@ -53,20 +53,6 @@ def assert_in_place_matches(type, x, **kwargs):
     np.testing.assert_allclose(dx2, dx, rtol=1e-12, atol=1e-12)
     for a, b in zip(param_diffs2, param_diffs):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
-def caffe_blob(name):
-    """A blob extracted from real Caffe's fixture net (8 items, TEST phase)."""
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 def caffe_weights(layer_name):

@@ -1,7 +1,6 @@
 """Pooling: Caffe's loops as reference, CEIL/FLOOR sizes, masks, gradients, real-Caffe numbers."""
 import math
 
-import lmdb
 import numpy as np
 import pytest
 
@@ -10,6 +9,7 @@ from caffelite.layers import im2col
 from caffelite.layers.base import TRAIN
 from caffelite.proto import pb
 from conftest import FIXTURES
+from golden import caffe_blob
 from layer_testing import check_gradient, forward, make_layer, run, setup
 
 
@@ -244,19 +244,6 @@ def test_float32_keeps_dtype():
         top[0].set_diff(np.ones(y.shape, np.float32))
         layer.backward(top, [True], bottom)
         assert bottom[0].cpu_diff().dtype == np.float32
-
-
-def caffe_blob(name):
-    env = lmdb.open(str(FIXTURES / "net" / "features" / name), readonly=True, lock=False)
-    items = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = pb.Datum()
-            datum.ParseFromString(value)
-            items.append(np.array(datum.float_data, np.float32).reshape(
-                datum.channels, datum.height, datum.width))
-    env.close()
-    return np.stack(items)
 
 
 @pytest.mark.parametrize("name,bottom_name,params", [
