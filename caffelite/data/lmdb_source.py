@@ -8,6 +8,7 @@ it in at the end: a crash part-way leaves the previous database intact.
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -44,12 +45,24 @@ def open_lmdb(path: str) -> "lmdb.Environment":
             _OPEN[key] = (env, users + 1)
             return env
         try:
-            env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+            env = _open_env(path)
         except lmdb.Error as exc:
             raise DataError(f"cannot open LMDB '{path}': {exc}", hint=CREATE_HINT) from None
         _OPEN[key] = (env, 1)
         _KEYS[id(env)] = key
         return env
+
+
+def _open_env(path: str) -> "lmdb.Environment":
+    try:
+        return lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+    except lmdb.Error as exc:
+        if "already open" not in str(exc):
+            raise
+    # An environment nobody closed (a reader dropped without close()) is still open until the
+    # garbage collector finalises it; collect, then try once more.
+    gc.collect()
+    return lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
 
 
 def close_lmdb(env: "lmdb.Environment") -> None:
