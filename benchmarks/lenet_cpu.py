@@ -51,21 +51,22 @@ def caffelite_trainer():
 
 
 def torch_trainer():
-    import lmdb
     import torch
     from torch import nn
 
+    from caffelite.data.lmdb_source import close_lmdb, open_lmdb
     from caffelite.proto import pb
 
     images, labels = [], []
-    env = lmdb.open(str(LMDB), readonly=True, lock=False)
+    # LMDB allows one environment per database and process: share caffelite's.
+    env = open_lmdb(str(LMDB))
     with env.begin() as txn:
         for _, value in txn.cursor():
             datum = pb.Datum()
             datum.ParseFromString(value)
             images.append(np.frombuffer(datum.data, np.uint8).reshape(1, 28, 28))
             labels.append(datum.label)
-    env.close()
+    close_lmdb(env)
     x_all = torch.from_numpy(np.stack(images).astype(np.float32) * 0.00390625)
     y_all = torch.tensor(labels, dtype=torch.long)
 

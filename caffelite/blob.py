@@ -27,7 +27,7 @@ class SyncedMemory:
     ``capacity`` elements are allocated; blobs view the first ``count`` of them.
     """
 
-    __slots__ = ("capacity", "dtype", "device", "head", "_cpu", "_gpu")
+    __slots__ = ("capacity", "dtype", "device", "head", "_cpu", "_gpu", "zero_pending")
 
     def __init__(self, capacity: int, dtype, device: Device):
         self.capacity = int(capacity)
@@ -35,9 +35,30 @@ class SyncedMemory:
         self.device = device
         self.head = UNINIT
         self._cpu = self._gpu = None
+        #: Set by ``clear``: the values are zeros not yet written (see ``take_for_overwrite``).
+        self.zero_pending = False
+
+    def clear(self) -> None:
+        """Make every value 0, lazily: the zeros are written on the next access, unless
+        ``take_for_overwrite`` hands the memory to a writer that fills all of it."""
+        self.zero_pending = True
+
+    def _write_zeros(self) -> None:
+        self.zero_pending = False
+        self.mutable().fill(0)
+
+    def take_for_overwrite(self):
+        """(array on the device, True) when the values are pending zeros and the caller must
+        write every element; else (array, False) and the caller adds to it."""
+        if self.zero_pending:
+            self.zero_pending = False
+            return self.mutable(), True
+        return self.mutable(), False
 
     def cpu(self) -> np.ndarray:
         """The CPU copy, brought up to date (head becomes SYNCED if it was GPU)."""
+        if self.zero_pending:
+            self._write_zeros()
         if self._cpu is None:
             self._cpu = np.zeros(self.capacity, self.dtype)
         if self.head == HEAD_GPU:
@@ -49,6 +70,8 @@ class SyncedMemory:
 
     def gpu(self):
         """The GPU copy, brought up to date (head becomes SYNCED if it was CPU)."""
+        if self.zero_pending:
+            self._write_zeros()
         if self._gpu is None:
             cp = cupy_module()
             with cp.cuda.Device(self.device.id):
@@ -75,6 +98,7 @@ class SyncedMemory:
 
     def assign(self, flat) -> None:
         """Make the 1-d ``flat`` (on this device) the fresh copy."""
+        self.zero_pending = False
         self.capacity = flat.size
         if self.device.is_gpu:
             self._gpu, self._cpu = flat, None
@@ -212,6 +236,26 @@ class Blob:
 
     def set_diff(self, values) -> None:
         self.diff[...] = _on_device(values, self.device)
+
+    def clear_diff(self) -> None:
+        """diff = 0 without writing memory now: the next reader gets zeros, and a layer that
+        produces a whole gradient writes it in place of adding (``diff_for_update``)."""
+        self._diff.clear()
+
+    def diff_for_update(self):
+        """(diff, overwrite): when ``overwrite`` the diff holds pending zeros and the caller must
+        write all of it (``diff[...] = g``); otherwise it adds (``diff += g``). Parameter
+        gradients accumulate, so this saves the zeroing pass and a temporary per update."""
+        array, overwrite = self._diff.take_for_overwrite()
+        return self._view(array), overwrite
+
+    def add_to_diff(self, values) -> None:
+        """diff += values, or diff[...] = values when the diff is pending zeros."""
+        diff, overwrite = self.diff_for_update()
+        if overwrite:
+            diff[...] = values
+        else:
+            diff += values
 
     def to(self, device: Device) -> None:
         """Move the blob to another device, keeping its values."""

@@ -24,8 +24,14 @@ import math
 
 from ..fillers import fill
 from ..registry import register_layer
+from . import conv_dft
 from .base import Layer, check_not_in_place
 from .im2col import Columns, Geometry
+
+#: None picks per layer (the DFT engine where it saves enough FLOPs, else
+#: im2col + GEMM); "gemm" or "dft" force one (tests, benchmarks). "dft" only
+#: applies to 2-D Convolution with stride 1 and dilation 1.
+FORCE_ENGINE: str | None = None
 
 
 def _spatial_values(layer: Layer, name: str, num_axes: int, default: int) -> tuple:
@@ -142,6 +148,24 @@ class _ConvolutionBase(Layer):
         col_channels = self.num_output if self.deconvolution else self.channels
         self.chunks = self.columns.plan(self.xp, self.num, col_channels * g.kernel_count, col_spatial)
         self._col_ready = False
+        self.dft = self._dft_engine()
+
+    def _dft_engine(self):
+        """The DFT engine for this geometry, or None for im2col + GEMM (see conv_dft.py)."""
+        g = self.geometry
+        if (self.deconvolution or FORCE_ENGINE == "gemm" or len(g.kernel) != 2
+                or any(s != 1 for s in g.stride) or any(d != 1 for d in g.dilation)
+                or g.kernel == (1, 1)):
+            return None
+        args = (self.num, self.channels, self.num_output, self.group, self.in_spatial)
+        if FORCE_ENGINE != "dft" and not conv_dft.worth_it(*args, g.kernel, self.out_spatial, g.pad):
+            return None
+        key = args + (g.pad, self.dtype)
+        engine = getattr(self, "dft", None)
+        if engine is None or engine.key != key:
+            engine = conv_dft.DFTConvolution(self.xp, self.dtype, *args, g.kernel, g.pad)
+            engine.key = key
+        return engine
 
     @property
     def pointwise(self) -> bool:
@@ -178,7 +202,7 @@ class _ConvolutionBase(Layer):
     def _add_weight_grad(self, a, b) -> None:
         """dW += a_g @ b_g^T for (rows, P) pixel matrices a and b."""
         grad = self._gemm(self._grouped(a), self._grouped(b).swapaxes(1, 2))
-        self.blobs[0].diff += grad.reshape(self.blobs[0].shape)
+        self.blobs[0].add_to_diff(grad.reshape(self.blobs[0].shape))
 
     def _bias(self):
         return self.blobs[1].data if self.bias_term else None
@@ -194,6 +218,12 @@ class ConvolutionLayer(_ConvolutionBase):
 
     def forward(self, bottom, top):
         xp, cols = self.xp, self.columns
+        if self.dft is not None:
+            for b, t in zip(bottom, top):
+                self.dft.forward(b.data, self.blobs[0].data, self._bias(), t.data)
+            # With several bottoms the kept input spectrum is the last one's.
+            self.dft.x_ready = len(bottom) == 1
+            return
         w = self._weight()
         for b, t in zip(bottom, top):
             x = self._images(b, self.channels, self.in_spatial)
@@ -215,6 +245,16 @@ class ConvolutionLayer(_ConvolutionBase):
         xp, cols = self.xp, self.columns
         need_w = self.param_propagate_down[0]
         need_b = self.bias_term and self.param_propagate_down[1]
+        if self.dft is not None:
+            for i, (b, t) in enumerate(zip(bottom, top)):
+                dy = t.diff
+                if need_b:
+                    self.blobs[1].add_to_diff(dy.sum(axis=(0, 2, 3)))
+                if need_w or propagate_down[i]:
+                    self.dft.backward(b.data, self.blobs[0].data, dy,
+                                      b.diff if propagate_down[i] else None,
+                                      self.blobs[0] if need_w else None)
+            return
         w = self._weight()
         for i, (b, t) in enumerate(zip(bottom, top)):
             need_x = propagate_down[i]
@@ -230,7 +270,7 @@ class ConvolutionLayer(_ConvolutionBase):
             for n0, n1 in self.chunks:
                 dyp = cols.to_pixels(xp, dy[n0:n1], "dy")
                 if need_b:
-                    self.blobs[1].diff += dyp.sum(axis=1)
+                    self.blobs[1].add_to_diff(dyp.sum(axis=1))
                 if need_w:
                     if self.pointwise:
                         col = cols.to_pixels(xp, x[n0:n1], "x")
@@ -255,6 +295,12 @@ class DeconvolutionLayer(_ConvolutionBase):
 
     def forward(self, bottom, top):
         xp, cols = self.xp, self.columns
+        if self.dft is not None:
+            for b, t in zip(bottom, top):
+                self.dft.forward(b.data, self.blobs[0].data, self._bias(), t.data)
+            # With several bottoms the kept input spectrum is the last one's.
+            self.dft.x_ready = len(bottom) == 1
+            return
         w = self._weight()
         for b, t in zip(bottom, top):
             x = self._images(b, self.channels, self.in_spatial)

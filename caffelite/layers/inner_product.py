@@ -17,6 +17,11 @@ from ..registry import register_layer
 from .base import Layer, check_not_in_place
 
 
+#: Weight gradients up to this many elements get a kept buffer when they must be
+#: added (not written) to the diff.
+KEEP_GRAD_BUFFER = 1 << 22
+
+
 @register_layer("InnerProduct")
 class InnerProductLayer(Layer):
     num_bottom = 1
@@ -40,6 +45,7 @@ class InnerProductLayer(Layer):
         if self.bias_term:
             self.blobs.append(self.make_blob((self.num_output,), f"{self.name}_b"))
             fill(self.blobs[1], p.bias_filler, self.rng)
+        self._grad = None  # weight-gradient buffer, kept across passes
 
     def reshape(self, bottom, top):
         axis = bottom[0].canonical_axis(self.param.axis)
@@ -70,12 +76,20 @@ class InnerProductLayer(Layer):
         dy = top[0].diff.reshape(self.M, self.num_output)
         if self.param_propagate_down[0]:
             x = bottom[0].data.reshape(self.M, self.K)
-            if self.transpose:
-                self.blobs[0].diff += xp.matmul(x.T, dy)
-            else:
-                self.blobs[0].diff += xp.matmul(dy.T, x)
+            a, b = (x.T, dy) if self.transpose else (dy.T, x)
+            diff, overwrite = self.blobs[0].diff_for_update()
+            if overwrite:   # pending zeros: the GEMM writes the gradient in place
+                xp.matmul(a, b, out=diff)
+            elif diff.size <= KEEP_GRAD_BUFFER:
+                # A kept buffer saves the allocation (and its page faults) per pass.
+                if self._grad is None or self._grad.shape != diff.shape or self._grad.dtype != diff.dtype:
+                    self._grad = xp.empty_like(diff)
+                xp.matmul(a, b, out=self._grad)
+                diff += self._grad
+            else:   # a big weight (AlexNet's fc6: 151 MB) keeps no second copy: peak memory
+                diff += xp.matmul(a, b)
         if self.bias_term and self.param_propagate_down[1]:
-            self.blobs[1].diff += dy.sum(axis=0)
+            self.blobs[1].add_to_diff(dy.sum(axis=0))
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
             xp.matmul(dy, self._weight_t(self.blobs[0].data).T, out=dx)

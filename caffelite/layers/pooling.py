@@ -17,7 +17,13 @@ activation-weighted mean sum(x^2)/sum(x) (0 when sum(x) <= 0) in TEST.
 
 The loop runs over the k*k kernel offsets only; each step handles every
 window of the batch at once with a strided slice (see im2col.py for the
-batch-first / batch-last buffer orders).
+batch-first / batch-last buffer orders). With a stride s > 1 in batch-first
+order the (padded) input is first split into its s_h x s_w phases
+(rows r = a + s_h*i, columns c = b + s_w*j go to phase (a, b) at (i, j)),
+each a flat (N*C*Hph*Wph) array. Kernel offset (kh, kw) then reads phase
+(kh % s_h, kw % s_w) shifted by (kh // s_h) * Wph + kw // s_w: one contiguous
+1-d slice, which NumPy processes about 10x faster than a stride-s view. The
+outputs are computed on the whole (N*C, Hph, Wph) grid, (Ho, Wo) of it used.
 """
 from __future__ import annotations
 
@@ -126,6 +132,20 @@ class PoolingLayer(Layer):
         self.global_fast = self.global_pooling and self.method != STOCHASTIC
         self.pixels = Pixels(not self.global_fast and prefers_batch_last(
             self.xp, self.planes, out, self.geometry, max_width=BATCH_LAST_MAX_WIDTH))
+        self.phased = (not self.global_fast and not self.pixels.batch_last
+                       and self.method != STOCHASTIC and self.stride != (1, 1))
+        if self.phased:
+            # Phase (a, b) holds padded rows a, a+s, ... and columns b, b+s, ...
+            self.phase_shape = tuple(-(-size // s) for size, s in zip(self.padded, self.stride))
+            self.phase_copies = [self._phase_copy(a, b) for a in range(self.stride[0])
+                                 for b in range(self.stride[1])]
+            hph, wph = self.phase_shape
+            self.grid = self.planes * hph * wph
+            self.shifts = [(kh % self.stride[0], kw % self.stride[1],
+                            (kh // self.stride[0]) * wph + kw // self.stride[1])
+                           for kh, kw in self.geometry.offsets()]
+            # Past the last plane the shifted reads run into a tail of padding.
+            self.phase_len = self.grid + max(shift for _, _, shift in self.shifts)
         self._global_index = None
         self._index_ready = False
 
@@ -134,8 +154,48 @@ class PoolingLayer(Layer):
         """(N, C, H, W) -> canonical (N*C, H, W)."""
         return array.reshape((self.planes,) + array.shape[2:])
 
+    def _phase_copy(self, a: int, b: int):
+        """(phase index, rows of the phase, columns of the phase, rows of x, columns of x) for
+        the image pixels that land in phase (a, b)."""
+        picks = []
+        for start, size, s, p in ((a, self.in_spatial[0], self.stride[0], self.pad[0]),
+                                  (b, self.in_spatial[1], self.stride[1], self.pad[1])):
+            first = max(0, -(-(p - start) // s))        # first phase index on a real pixel
+            last = (size - 1 + p - start) // s           # last one
+            count = max(0, last - first + 1)
+            x0 = start + s * first - p
+            picks.append((slice(first, first + count), slice(x0, x0 + s * (count - 1) + 1, s) if count else
+                          slice(0, 0)))
+        (pi, xi), (pj, xj) = picks
+        return (a, b), pi, pj, xi, xj
+
+    def _phase_view(self, buf, a, b):
+        """Phase (a, b) of a phases buffer as (N*C, Hph, Wph)."""
+        return buf[a, b, :self.grid].reshape((self.planes,) + self.phase_shape)
+
+    def _phases(self, x, fill, role):
+        """The padded input split into flat phases (sh, sw, grid + tail), padding = ``fill``."""
+        buf = self.ws.get(self.xp, role, self.stride + (self.phase_len,), x.dtype, fill)
+        for (a, b), pi, pj, xi, xj in self.phase_copies:
+            self._phase_view(buf, a, b)[:, pi, pj] = x[:, xi, xj]
+        return buf
+
+    def _crop(self, grid):
+        """The (N*C, Ho, Wo) outputs of a flat output grid."""
+        return grid.reshape((self.planes,) + self.phase_shape)[:, :self.out_spatial[0], :self.out_spatial[1]]
+
+    def _store(self, out, y) -> None:
+        """Copy the computed outputs ``out`` (a grid or a batch-last buffer) to the top."""
+        if self.phased:
+            y[...] = self._crop(out)
+        elif out is not y:
+            y[...] = out
+
     def _padded_input(self, x, fill):
-        """Canonical (N*C, Hb, Wb) view of ``x`` padded with ``fill`` (a view when no pad is needed)."""
+        """Canonical (N*C, Hb, Wb) view of ``x`` padded with ``fill`` (a view when no pad is needed);
+        phases (see ``_phases``) when this layer works phased."""
+        if self.phased:
+            return self._phases(x, fill, f"phases{fill}")
         if self.direct and not self.pixels.batch_last:
             return x
         _, canon = self.pixels.alloc(self.ws, self.xp, f"pad{fill}", (), self.planes, self.padded,
@@ -145,11 +205,15 @@ class PoolingLayer(Layer):
         return canon
 
     def _output(self, top_array, role="out"):
-        """Where to compute the output: the top itself, or a batch-last buffer."""
-        return self._scratch(role, top_array.dtype) if self.pixels.batch_last else top_array
+        """Where to compute the output: the top itself, or a batch-last buffer / phased grid."""
+        if self.pixels.batch_last or self.phased:
+            return self._scratch(role, top_array.dtype)
+        return top_array
 
-    def _scratch(self, role, dtype):
-        """An output-shaped work array in this layer's pixel order."""
+    def _scratch(self, role, dtype, fill=None):
+        """An output-shaped work array in this layer's pixel order (phased: a flat grid)."""
+        if self.phased:
+            return self.ws.get(self.xp, role, (self.grid,), dtype, fill)
         return self.pixels.alloc(self.ws, self.xp, role, (), self.planes, self.out_spatial, dtype)[1]
 
     def _index_buffer(self):
@@ -157,8 +221,13 @@ class PoolingLayer(Layer):
         return self._scratch("index", np.uint8 if math.prod(self.kernel) <= 256 else np.int32)
 
     def _windows(self, image):
-        """(offset index, strided view of ``image`` for that kernel offset) for every offset."""
+        """(offset index, view of ``image`` for that kernel offset) for every offset; ``image``
+        is a padded input (strided views) or its phases (contiguous slices)."""
         g = self.geometry
+        if self.phased:
+            for i, (a, b, shift) in enumerate(self.shifts):
+                yield i, image[a, b, shift:shift + self.grid]
+            return
         for i, offset in enumerate(g.offsets()):
             yield i, image[(slice(None),) + g.window(offset, self.out_spatial)]
 
@@ -187,8 +256,7 @@ class PoolingLayer(Layer):
             want_index = self.phase == TRAIN or len(top) > 1
             out = self._output(y)
             self._max(x, out, want_index)
-            if out is not y:
-                y[...] = out
+            self._store(out, y)
             if len(top) > 1:
                 self._write_mask(self._planes(top[1].data))
         elif self.method == AVE:
@@ -199,9 +267,11 @@ class PoolingLayer(Layer):
                     out[...] = win
                 else:
                     out += win
-            out /= self._divisor_array(out.dtype)
-            if out is not y:
-                y[...] = out
+            if self.phased:
+                self.xp.divide(self._crop(out), self._divisor_array(out.dtype), out=y)
+            else:
+                out /= self._divisor_array(out.dtype)
+                self._store(out, y)
         else:
             self._stochastic(x, y)
 
@@ -235,7 +305,8 @@ class PoolingLayer(Layer):
     def _write_mask(self, mask) -> None:
         """Argmax kernel offsets -> flat input indices h*W + w, as floats."""
         xp = self.xp
-        index = self._index_buffer().astype(np.int32)
+        index = self._index_buffer()
+        index = (self._crop(index) if self.phased else index).astype(np.int32)
         kw = self.kernel[1]
         width = self.in_spatial[1]
         rows = np.arange(self.out_spatial[0]) * self.stride[0] - self.pad[0]
@@ -302,18 +373,27 @@ class PoolingLayer(Layer):
                 flat[...] = 0
                 flat[xp.arange(self.planes), self._global_index] = dy.reshape(self.planes)
             return
-        if self.pixels.batch_last:
+        if self.phased:
+            grad = self._scratch("dy", dy.dtype, fill=0)   # the grid's unused cells stay 0
+            self._crop(grad)[...] = dy
+        elif self.pixels.batch_last:
             grad = self._output(dy, role="dy")
             copy_into(grad, dy, 0, True)
         else:
             grad = dy
-        if self.direct and not self.pixels.batch_last:
+        if self.phased:
+            acc = self.ws.get(xp, "acc_phases", self.stride + (self.phase_len,), dx.dtype)
+        elif self.direct and not self.pixels.batch_last:
             acc = dx
         else:
             acc = self.pixels.alloc(self.ws, xp, "acc", (), self.planes, self.padded, dx.dtype)[1]
         acc[...] = 0
         if self.method == AVE:
-            share = grad / self._divisor_array(grad.dtype)
+            if self.phased:
+                share = self._scratch("share", grad.dtype, fill=0)
+                xp.divide(dy, self._divisor_array(grad.dtype), out=self._crop(share))
+            else:
+                share = grad / self._divisor_array(grad.dtype)
             for _, win in self._windows(acc):
                 win += share
         else:
@@ -330,5 +410,8 @@ class PoolingLayer(Layer):
                 xp.equal(index, i, out=hit)
                 xp.multiply(grad, hit, out=share)
                 win += share
-        if acc is not dx:
+        if self.phased:
+            for (a, b), pi, pj, xi, xj in self.phase_copies:
+                dx[:, xi, xj] = self._phase_view(acc, a, b)[:, pi, pj]
+        elif acc is not dx:
             dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]

@@ -1,0 +1,65 @@
+"""The Convolution layer's DFT engine (conv_dft.py) against direct loops, with gradients."""
+import numpy as np
+import pytest
+
+from caffelite.layers import conv_dft, convolution
+from layer_testing import check_gradient, run
+from test_convolution import FILLERS, conv_ref, cp
+
+CASES = [
+    ((3, 4, 7, 6), {"num_output": 6, "kernel_size": 3, "pad": 1}),
+    ((2, 4, 8, 9), {"num_output": 4, "kernel_size": 5, "pad": 2, "group": 2}),
+    ((2, 3, 6, 5), {"num_output": 2, "kernel_h": 3, "kernel_w": 2, "pad_h": 0, "pad_w": 3}),
+    ((2, 2, 5, 5), {"num_output": 3, "kernel_size": 5, "bias_term": False}),
+    ((1, 2, 9, 4), {"num_output": 2, "kernel_size": 2, "pad": 3}),
+]
+
+
+@pytest.fixture
+def dft(monkeypatch):
+    monkeypatch.setattr(convolution, "FORCE_ENGINE", "dft")
+
+
+@pytest.mark.parametrize("shape,params", CASES)
+def test_matches_loops_and_gradient(shape, params, dft):
+    x = np.random.default_rng(0).standard_normal(shape)
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
+    assert layer.dft is not None
+    w = layer.blobs[0].cpu_data()
+    b = layer.blobs[1].cpu_data() if params.get("bias_term", True) else None
+    pad = (params.get("pad_h", params.get("pad", 0)), params.get("pad_w", params.get("pad", 0)))
+    expected = conv_ref(x, w, b, (1, 1), pad, (1, 1), params.get("group", 1))
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-10)
+    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+
+
+def test_float32_close_to_float64(dft):
+    x = np.random.default_rng(1).standard_normal((4, 6, 12, 12))
+    params = cp({"num_output": 8, "kernel_size": 5, "pad": 2, **FILLERS})
+    results = {}
+    for dtype in (np.float32, np.float64):
+        layer, bottom, top, (y,) = run("Convolution", [x.astype(dtype)], dtype=dtype, convolution_param=params)
+        assert y.dtype == dtype
+        top[0].set_diff(np.random.default_rng(2).standard_normal(y.shape).astype(dtype))
+        for blob in layer.blobs:
+            blob.set_diff(0)
+        layer.backward(top, [True], bottom)
+        results[dtype] = [y, bottom[0].cpu_diff().copy()] + [b.cpu_diff().copy() for b in layer.blobs]
+    for a, b in zip(results[np.float32], results[np.float64]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_stride_and_dilation_keep_gemm(dft):
+    x = np.zeros((2, 3, 9, 9))
+    for extra in ({"stride": 2}, {"dilation": 2}):
+        layer, *_ = run("Convolution", [x], convolution_param=cp({"num_output": 2, "kernel_size": 3,
+                                                                   **extra, **FILLERS}))
+        assert layer.dft is None
+
+
+def test_engine_choice():
+    """The model picks the DFT for CIFAR-10's 5x5 layers, im2col for its 3-channel first layer."""
+    assert conv_dft.worth_it(100, 32, 32, 1, (16, 16), (5, 5), (16, 16), (2, 2))
+    assert not conv_dft.worth_it(100, 3, 32, 1, (32, 32), (5, 5), (32, 32), (2, 2))
+    # AlexNet's conv3: batch 10 and 256 x 384 channels make the kernel spectra too big.
+    assert not conv_dft.worth_it(10, 256, 384, 1, (13, 13), (3, 3), (13, 13), (1, 1))
