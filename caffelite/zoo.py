@@ -21,40 +21,32 @@ plus a few of ours::
 
 Downloads go to ``<cache>/<name>/<caffemodel>``; the cache is ``--dir``, else
 ``$CAFFELITE_ZOO_DIR``, else ``$XDG_CACHE_HOME/caffelite/zoo`` (``~/.cache``
-without it). A download resumes a ``.part`` file with a Range request, retries
-with exponential backoff, and the file takes its final name (an atomic
-rename) only once its checksum matches the manifest. ``zoo:NAME`` given as
+without it). A download (``caffelite.download.fetch``) resumes a ``.part`` file
+with a Range request, retries with exponential backoff, and the file takes its
+final name (an atomic rename) only once its checksum matches the manifest. ``zoo:NAME`` given as
 weights resolves to that verified file. A ``.verified`` stamp beside it
 (size, mtime, hashes) spares re-hashing a file that has not changed.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import http.client
 import json
 import os
-import socket
-import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
+from .download import ChecksumError, DownloadError, fetch, file_hashes
+from .download import mismatches as _mismatches
 from .errors import ConfigError, DataError, did_you_mean
 from .log import get_logger
 
 log = get_logger("zoo")
 
 ZOO_PREFIX = "zoo:"
-CHUNK = 1 << 20
-USER_AGENT = "caffelite-zoo/0.1"
 DEFINITION_FILES = ("deploy.yaml", "train_val.yaml", "solver.yaml")
 
 
@@ -85,6 +77,11 @@ class ZooModel:
     @property
     def has_checksum(self) -> bool:
         return bool(self.sha1 or self.sha256)
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """The published checksums, by kind."""
+        return {kind: want for kind, want in (("sha1", self.sha1), ("sha256", self.sha256)) if want}
 
     def definitions(self) -> list[str]:
         """The net and solver files of this model folder."""
@@ -191,19 +188,9 @@ def cached_path(model: ZooModel, cache: str | os.PathLike | None = None) -> Path
     return cache_dir(cache) / model.name / model.caffemodel
 
 
-def file_hashes(path: Path) -> dict[str, str]:
-    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha1.update(chunk)
-            sha256.update(chunk)
-    return {"sha1": sha1.hexdigest(), "sha256": sha256.hexdigest()}
-
-
 def mismatches(model: ZooModel, hashes: dict[str, str]) -> list[str]:
     """'sha1 expected X, got Y' for every published checksum the hashes fail."""
-    return [f"{kind} expected {want}, got {hashes[kind]}"
-            for kind, want in (("sha1", model.sha1), ("sha256", model.sha256)) if want and hashes[kind] != want]
+    return _mismatches(model.checksums, hashes)
 
 
 def _stamp_path(path: Path) -> Path:
@@ -293,14 +280,6 @@ def resolve_weights(spec: str, cache: str | os.PathLike | None = None, root: Pat
 
 
 # ---- downloading -----------------------------------------------------------------------
-class _Retry(Exception):
-    """A failure worth another attempt (timeouts, dropped connections, 5xx)."""
-
-
-class _GiveUp(Exception):
-    """A failure another attempt at the same URL will not fix (404, 403, no DNS)."""
-
-
 def mirror_url(url: str, base: str) -> str:
     """``url`` with its scheme and host replaced by ``base`` (whose own path, if any, is prefixed)."""
     src, dst = urllib.parse.urlsplit(url), urllib.parse.urlsplit(base)
@@ -308,147 +287,6 @@ def mirror_url(url: str, base: str) -> str:
         raise ConfigError(f"--mirror '{base}' is not a base URL",
                           hint="for example --mirror https://mirror.example.org")
     return urllib.parse.urlunsplit((dst.scheme, dst.netloc, dst.path.rstrip("/") + src.path, src.query, ""))
-
-
-class _Progress:
-    """A tqdm bar on a terminal; a log line every quarter in a pipe; nothing when disabled."""
-
-    def __init__(self, label: str, enabled: bool | None):
-        self.label = label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = None
-        self.done = self.total = 0
-        self.quarter = 0
-
-    def start(self, total: int | None, initial: int) -> None:
-        self.close()
-        self.done, self.total = initial, total or 0
-        if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm  # noqa: PLC0415
-
-            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=self.label, leave=False)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and self.total and self.done * 4 // self.total > self.quarter:
-            self.quarter = self.done * 4 // self.total
-            log.info("%s: %d of %d bytes", self.label, self.done, self.total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(start, total) of ``bytes START-END/TOTAL`` or ``bytes */TOTAL``."""
-    if not value or not value.startswith("bytes "):
-        return None, None
-    span, _, total = value[6:].partition("/")
-    start = span.split("-")[0]
-    return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
-
-
-def _transfer(url: str, part: Path, timeout: float, progress: _Progress) -> None:
-    """One attempt: fetch ``url`` into ``part``, resuming what is there."""
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        with contextlib.suppress(Exception):
-            exc.close()
-        if exc.code == 416 and offset:
-            if _content_range(exc.headers.get("Content-Range"))[1] == offset:
-                return  # the partial file is already complete
-            part.unlink()
-            raise _Retry("the partial file does not fit the server's file; starting over") from None
-        reason = f"HTTP {exc.code} {exc.reason}"
-        if exc.code in (408, 425, 429) or exc.code >= 500:
-            raise _Retry(reason) from None
-        raise _GiveUp(reason) from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, socket.gaierror):
-            raise _GiveUp(f"cannot resolve the host ({exc.reason})") from None
-        raise _Retry(str(exc.reason)) from None
-    except (OSError, http.client.HTTPException) as exc:  # timeouts, resets
-        raise _Retry(str(exc) or type(exc).__name__) from None
-    with resp:
-        length = resp.headers.get("Content-Length")
-        if resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:
-                part.unlink(missing_ok=True)
-                raise _Retry(f"the server sent bytes from {start} instead of {offset}; starting over")
-            mode = "ab"
-        elif resp.status == 200:
-            if offset:
-                log.info("%s ignores Range requests; downloading from the start", url)
-            offset, mode = 0, "wb"
-            total = int(length) if length and length.isdigit() else None
-        else:
-            raise _GiveUp(f"unexpected HTTP status {resp.status}")
-        expected = offset + int(length) if length and length.isdigit() else total
-        progress.start(expected, offset)
-        try:
-            # read1 returns what has arrived: bytes received before a stall are kept for the resume.
-            read = getattr(resp, "read1", resp.read)
-            with open(part, mode) as f:
-                while chunk := read(CHUNK):
-                    f.write(chunk)
-                    progress.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, http.client.HTTPException) as exc:
-            if isinstance(exc, (PermissionError, IsADirectoryError)) or getattr(exc, "errno", None) == errno.ENOSPC:
-                # Disk full or not writable: no retry helps.
-                raise DataError(f"cannot write the download ({exc})", file=str(part)) from None
-            raise _Retry(f"transfer interrupted ({exc or type(exc).__name__})") from None
-        finally:
-            progress.close()
-    got = part.stat().st_size
-    if expected is not None and got < expected:
-        raise _Retry(f"connection closed after {got} of {expected} bytes")
-
-
-def _fetch(url: str, part: Path, *, timeout: float, retries: int, backoff: float, progress: _Progress,
-           sleep: Callable[[float], None]) -> None:
-    for attempt in range(retries + 1):
-        try:
-            _transfer(url, part, timeout, progress)
-            return
-        except _Retry as exc:
-            if attempt == retries:
-                raise _GiveUp(f"{exc} (gave up after {retries + 1} attempts)") from None
-            delay = min(backoff * 2 ** attempt, 60.0)
-            log.warning("download from %s failed: %s; retrying in %.1f s (attempt %d of %d)",
-                        url, exc, delay, attempt + 2, retries + 1)
-            sleep(delay)
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """One download per file at a time (POSIX); elsewhere no lock."""
-    try:
-        import fcntl  # noqa: PLC0415
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log.info("another process is downloading into %s; waiting for it", path.parent)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def download(model: ZooModel, cache: str | os.PathLike | None = None, mirror: str | None = None, *,
@@ -467,68 +305,27 @@ def download(model: ZooModel, cache: str | os.PathLike | None = None, mirror: st
         raise ConfigError(f"no checksum is known for '{model.name}', so its download cannot be verified",
                           hint="to download it and keep it anyway, run again with --trust-unverified; "
                                "its sha1 and sha256 are then shown for you to compare with a source you trust")
-    if final.is_file() and not model.has_checksum:  # placed by hand, accepted with --trust-unverified
-        hashes = file_hashes(final)
-        log.warning("%s has no published checksum; kept unverified (sha1 %s, sha256 %s)",
-                    final, hashes["sha1"], hashes["sha256"])
-        _write_stamp(final, hashes, trusted=True)
-        return final
-    if final.is_file():
-        log.warning("%s does not match the published checksum; downloading it again", final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    part = final.with_name(final.name + ".part")
     urls = [mirror_url(model.url, mirror)] if mirror else [model.url, *model.mirrors]
-    fetch = dict(timeout=timeout, retries=retries, backoff=backoff, progress=progress, sleep=sleep)
-    with _lock(final.with_name(f".{final.name}.lock")):
-        resumed = part.exists()
-        url = _fetch_any(model, urls, part, final, **fetch)
-        hashes = file_hashes(part)
-        if mismatches(model, hashes) and resumed:
-            # The old .part may come from another version of the file: one clean try.
-            log.warning("the resumed download of %s does not match its checksum; downloading it again",
-                        model.caffemodel)
-            part.unlink()
-            url = _fetch_any(model, urls, part, final, **fetch)
-            hashes = file_hashes(part)
-        bad = mismatches(model, hashes)
-        if bad:
-            part.unlink()
-            raise DataError(f"checksum mismatch for {model.caffemodel} from {url}: {'; '.join(bad)}. "
-                            f"The download was deleted",
-                            hint="the server or a proxy sent other bytes; try again later or another --mirror")
-        if not model.has_checksum:
-            log.warning("%s has no published checksum; kept unverified (sha1 %s, sha256 %s)",
-                        model.caffemodel, hashes["sha1"], hashes["sha256"])
-        os.replace(part, final)
-        _fsync_folder(final.parent)
-        _write_stamp(final, hashes, trusted=not model.has_checksum)
-    log.info("Saved %s (sha1 %s)", final, hashes["sha1"])
+    try:
+        # fetch keeps a file already there that matches; with no checksum (--trust-unverified) any file.
+        got = fetch(urls, final, model.checksums, timeout=timeout, retries=retries, backoff=backoff,
+                    progress=progress, hash_kinds=("sha1", "sha256"), sleep=sleep)
+    except DownloadError as exc:
+        raise DataError(
+            f"cannot download the weights of '{model.name}': {'; '.join(exc.failures)}. If this machine is "
+            f"offline, fetch {model.url} by hand and put it at {final}, then run `caffelite zoo download "
+            f"{model.name}` again to verify it", hint="--mirror BASE_URL fetches the same path from another host"
+        ) from None
+    except ChecksumError as exc:
+        hint = "the server or a proxy sent other bytes; try again later or another --mirror"
+        raise ChecksumError(exc.message, exc.failures, hint=hint) from None
+    if not model.has_checksum:
+        log.warning("%s has no published checksum; kept unverified (sha1 %s, sha256 %s)",
+                    final, got.hashes["sha1"], got.hashes["sha256"])
+    _write_stamp(final, got.hashes, trusted=not model.has_checksum)
+    if got.url is not None:
+        log.info("Saved %s (sha1 %s)", final, got.hashes["sha1"])
     return final
-
-
-def _fetch_any(model: ZooModel, urls: list[str], part: Path, final: Path, *, progress, **fetch) -> str:
-    """Fetch from the first URL that works; returns it. Fails with the offline instructions."""
-    errors = []
-    for url in urls:
-        log.info("Downloading %s from %s", model.name, url)
-        try:
-            _fetch(url, part, progress=_Progress(model.caffemodel, progress), **fetch)
-            return url
-        except _GiveUp as exc:
-            errors.append(f"{url}: {exc}")
-    raise DataError(
-        f"cannot download the weights of '{model.name}': {'; '.join(errors)}. If this machine is offline, "
-        f"fetch {model.url} by hand and put it at {final}, then run `caffelite zoo download {model.name}` "
-        f"again to verify it", hint="--mirror BASE_URL fetches the same path from another host")
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 __all__ = ["ZooModel", "load_manifest", "get_model", "zoo_root", "cache_dir", "cached_path", "cache_status",

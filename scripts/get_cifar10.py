@@ -19,14 +19,11 @@ member stays inside the target folder. Every output is replaced atomically.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +33,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from caffelite.data.lmdb_source import write_lmdb  # noqa: E402
+from caffelite.download import ChecksumError, DownloadError, fetch, verify  # noqa: E402
 from caffelite.errors import DataError  # noqa: E402
 from caffelite.io.binaryproto import write_binaryproto  # noqa: E402
 from caffelite.proto import pb  # noqa: E402
@@ -48,42 +46,24 @@ TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
 TEST_FILE = "test_batch.bin"
 RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
 BATCH = 10000  # records per file in the real data; Caffe's key stride per train file
+RETRIES = 2  # a flaky link is retried; an offline machine fails within seconds
 
 
 class OfflineError(Exception):
     pass
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(folder: Path, timeout: float = 60.0) -> Path:
-    """The archive in ``folder``, fetched unless a copy with the right MD5 is there."""
-    target = folder / ARCHIVE
-    if target.exists() and md5sum(target) == MD5:
-        print(f"{target}: present, MD5 OK")
-        return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{ARCHIVE}.", dir=folder)
+    """The archive in ``folder``, fetched (resumable, MD5-verified) unless a copy with the right MD5
+    is there."""
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(URL, timeout=timeout) as response:
-            shutil.copyfileobj(response, out)
-        found = md5sum(Path(tmp))
-        if found != MD5:
-            raise DataError(f"{URL}: MD5 {found} does not match the published {MD5}",
-                            hint="the download is corrupt; run the script again")
-        os.replace(tmp, target)
-        print(f"downloaded {URL} (MD5 OK)")
-        return target
-    except (urllib.error.URLError, OSError) as exc:
-        raise OfflineError(f"cannot download {URL}: {getattr(exc, 'reason', exc)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        got = fetch(URL, folder / ARCHIVE, {"md5": MD5}, timeout=timeout, retries=RETRIES)
+    except DownloadError as exc:
+        raise OfflineError(f"cannot download {'; '.join(exc.failures)}") from None
+    except ChecksumError as exc:
+        raise DataError(exc.message, hint="the download is corrupt; run the script again") from None
+    print(f"{got.path}: present, MD5 OK" if got.url is None else f"downloaded {got.url} (MD5 OK)")
+    return got.path
 
 
 def safe_extract(archive: Path, target: Path) -> None:
@@ -166,11 +146,11 @@ def gather(args, work: Path) -> Path:
                 (source / TEST_FILE).is_file() or (source / "cifar-10-batches-bin").is_dir()):
             source = source / ARCHIVE
         if source.is_file():
-            found = md5sum(source)
-            if found == MD5:
+            bad = verify(source, {"md5": MD5})
+            if not bad:
                 print(f"{source}: MD5 OK")
             else:
-                print(f"warning: {source} does not have the published MD5 ({found} != {MD5}); "
+                print(f"warning: {source} does not have the published MD5 ({'; '.join(bad)}); "
                       "using it if its files have the CIFAR-10 record structure", file=sys.stderr)
             safe_extract(source, work)
             return find_batches(work)

@@ -15,14 +15,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
-import os
-import shutil
 import struct
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -32,8 +26,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from caffelite.errors import DataError  # noqa: E402
 from caffelite.data.lmdb_source import write_lmdb  # noqa: E402
+from caffelite.download import FetchError, fetch, verify  # noqa: E402
+from caffelite.errors import DataError  # noqa: E402
 from caffelite.proto import pb  # noqa: E402
 
 FILES = {
@@ -57,6 +52,7 @@ MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+RETRIES = 2  # per mirror: a flaky link is retried; an offline machine fails within seconds
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 OFFLINE_SPLIT = 8000  # offline convention: test images 0..7999 train, 8000..9999 test
 
@@ -65,39 +61,16 @@ class OfflineError(Exception):
     pass
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(name: str, folder: Path, timeout: float = 30.0) -> Path:
-    """Fetch ``name`` into ``folder`` (kept when its checksum already matches)."""
-    target = folder / name
-    if target.exists() and md5sum(target) in MD5[name]:
-        print(f"{target}: present, checksum OK")
-        return target
-    errors = []
-    for mirror in MIRRORS:
-        url = mirror + name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, out)
-            if md5sum(Path(tmp)) not in MD5[name]:
-                errors.append(f"{url}: checksum mismatch")
-                continue
-            os.replace(tmp, target)
-            print(f"downloaded {url}")
-            return target
-        except (urllib.error.URLError, OSError) as exc:
-            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise OfflineError(f"cannot download {name}:\n  " + "\n  ".join(errors))
+    """Fetch ``name`` into ``folder`` from the first mirror that has it (kept when its checksum
+    already matches); resumable, and verified before it takes its name."""
+    try:
+        got = fetch([mirror + name for mirror in MIRRORS], folder / name, {"md5": MD5[name]},
+                    timeout=timeout, retries=RETRIES)
+    except FetchError as exc:  # no mirror could be reached, or none sent the right bytes
+        raise OfflineError(f"cannot download {name}:\n  " + "\n  ".join(exc.failures)) from None
+    print(f"{got.path}: present, checksum OK" if got.url is None else f"downloaded {got.url}")
+    return got.path
 
 
 def find_local(folder: Path, name: str) -> Path | None:
@@ -152,7 +125,7 @@ def gather(args) -> dict[str, Path]:
             raise DataError(f"--from folder '{folder}' does not exist")
         found = {key: find_local(folder, name) for key, name in FILES.items()}
         for path in found.values():
-            if path is not None and path.suffix == ".gz" and md5sum(path) not in MD5[path.name]:
+            if path is not None and path.suffix == ".gz" and verify(path, {"md5": MD5[path.name]}):
                 print(f"warning: {path} does not match the published MD5 sum; "
                       "using it since its IDX header checks out", file=sys.stderr)
         found = {k: v for k, v in found.items() if v is not None}

@@ -1,11 +1,9 @@
-"""The model zoo client against a loopback HTTP server started here: full download, resume,
-retries, checksums, clear errors; ``zoo:NAME`` weights; fine-tuning copies layers by name."""
+"""The model zoo against a loopback HTTP server: manifest checksums, the cache and its
+stamps, mirrors, clear errors; ``zoo:NAME`` weights; fine-tuning copies layers by name.
+The downloader itself (resume, retries, timeouts) is tested in test_download.py."""
 import hashlib
-import http.server
 import re
 import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,80 +16,15 @@ from caffelite.errors import ConfigError, DataError
 from caffelite.io.weights import copy_weights
 from caffelite.layers.base import TEST
 from caffelite.net import Net
+from test_download import PAYLOAD, LoopbackServer
 
-PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8))
 UPSTREAM = "http://models.example.invalid/files/tiny.caffemodel"  # never reached: tests use --mirror
-
-
-class LoopbackServer:
-    """Serves ``files`` on 127.0.0.1 with Range support and scripted misbehaviour (``mode``)."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.mode = "ok"  # ok | drop_once | stall | stall_once | wrong | ignore_range
-        self.requests: list[tuple[str, str | None]] = []
-        self.release = threading.Event()
-        self._once_done = False
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                owner.handle(self)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def handle(self, h):
-        rng = h.headers.get("Range")
-        self.requests.append((h.path, rng))
-        body = self.files.get(h.path)
-        if body is None:
-            h.send_error(404, "Not Found")
-            return
-        if self.mode == "wrong":
-            body = body[::-1]
-        start = 0
-        if rng and self.mode != "ignore_range":
-            start = int(re.match(r"bytes=(\d+)-", rng).group(1))
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            h.send_response(200)
-        chunk = body[start:]
-        h.send_header("Content-Length", str(len(chunk)))
-        h.end_headers()
-        misbehave = self.mode in ("drop_once", "stall_once") and not self._once_done or self.mode == "stall"
-        if not misbehave:
-            h.wfile.write(chunk)
-            return
-        self._once_done = True
-        h.wfile.write(chunk[:len(chunk) // 3])
-        h.wfile.flush()
-        if self.mode == "drop_once":
-            h.close_connection = True
-            h.connection.shutdown(socket.SHUT_RDWR)
-        else:
-            self.release.wait(10)  # stall until the client gives up (or the test ends)
-            h.close_connection = True
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
 def server():
-    srv = LoopbackServer()
-    srv.files["/files/tiny.caffemodel"] = PAYLOAD
-    yield srv
-    srv.close()
+    with LoopbackServer({"/files/tiny.caffemodel": PAYLOAD}) as srv:
+        yield srv
 
 
 def make_zoo(root, name="tiny", payload=PAYLOAD, **front):
@@ -104,10 +37,16 @@ def make_zoo(root, name="tiny", payload=PAYLOAD, **front):
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
+def new_model(tmp_path, monkeypatch):
+    """``new_model(**front)``: model 'tiny' of a zoo in tmp_path/zoo, cached in tmp_path/cache."""
     monkeypatch.setenv("CAFFELITE_MODEL_ZOO", str(tmp_path / "zoo"))
     monkeypatch.setenv("CAFFELITE_ZOO_DIR", str(tmp_path / "cache"))
-    return make_zoo(tmp_path / "zoo")
+    return lambda **front: make_zoo(tmp_path / "zoo", **front)
+
+
+@pytest.fixture
+def tiny(new_model):
+    return new_model()
 
 
 def fetch(model, server, **kw):
@@ -125,53 +64,26 @@ def test_full_download_is_verified_and_renamed(tiny, server, tmp_path):
     assert zoo.cache_status(tiny) == "verified"
 
 
-def test_resume_after_dropped_connection(tiny, server):
-    server.mode = "drop_once"
-    delays = []
-    path = fetch(tiny, server, backoff=0.5, sleep=delays.append)
-    assert path.read_bytes() == PAYLOAD
-    (_, first), (_, second) = server.requests
-    assert first is None and second == f"bytes={len(PAYLOAD) // 3}-"  # resumed, not restarted
-    assert delays == [0.5]
-
-
-def test_stalled_transfer_resumes_after_timeout(tiny, server):
-    server.mode = "stall_once"
-    path = fetch(tiny, server, timeout=0.3)
-    assert path.read_bytes() == PAYLOAD
-    assert server.requests[1][1] == f"bytes={len(PAYLOAD) // 3}-"
-
-
-def test_server_ignoring_range_restarts_from_zero(tiny, server, tmp_path):
-    part = tmp_path / "cache" / "tiny" / "tiny.caffemodel.part"
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"x" * 1000)
-    server.mode = "ignore_range"
-    assert fetch(tiny, server).read_bytes() == PAYLOAD
-    assert server.requests == [("/files/tiny.caffemodel", "bytes=1000-")]
-
-
-def test_stale_partial_file_is_fetched_again_cleanly(tiny, server, tmp_path):
-    part = tmp_path / "cache" / "tiny" / "tiny.caffemodel.part"
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"x" * 1000)  # left by a download of another version
-    assert fetch(tiny, server).read_bytes() == PAYLOAD
-    assert [r for _, r in server.requests] == ["bytes=1000-", None]
-
-
 def test_wrong_bytes_fail_with_both_hashes_and_leave_nothing(tiny, server, tmp_path, capsys):
     server.mode = "wrong"
     code = main(["zoo", "download", "tiny", "--mirror", server.base, "--retries", "0"])
     err = capsys.readouterr().err
     assert code == 3
     assert tiny.sha1 in err and hashlib.sha1(PAYLOAD[::-1]).hexdigest() in err
-    assert "checksum mismatch" in err
+    assert "checksum mismatch" in err and "another --mirror" in err
     assert not list((tmp_path / "cache" / "tiny").glob("tiny.caffemodel*"))  # no .part, no final file
 
 
-def test_sha256_is_checked_when_given(tmp_path, server, monkeypatch):
-    monkeypatch.setenv("CAFFELITE_ZOO_DIR", str(tmp_path / "cache"))
-    model = make_zoo(tmp_path / "zoo", sha256="0" * 64)
+def test_manifest_mirrors_are_tried_after_the_url(new_model, server):
+    model = new_model(caffemodel_url=server.base + "/gone/tiny.caffemodel",
+                     mirrors=[server.base + "/files/tiny.caffemodel"])
+    path = zoo.download(model, progress=False, timeout=5)
+    assert path.read_bytes() == PAYLOAD and zoo.cache_status(model) == "verified"
+    assert [p for p, _ in server.requests] == ["/gone/tiny.caffemodel", "/files/tiny.caffemodel"]
+
+
+def test_sha256_is_checked_when_given(new_model, server):
+    model = new_model(sha256="0" * 64)
     with pytest.raises(DataError, match=r"sha256 expected 0{64}, got " + hashlib.sha256(PAYLOAD).hexdigest()):
         fetch(model, server)
 
@@ -184,17 +96,6 @@ def test_404_is_a_clear_error_without_retries(tiny, server, tmp_path):
     assert "HTTP 404" in message
     assert UPSTREAM in message and str(tmp_path / "cache" / "tiny" / "tiny.caffemodel") in message
     assert len(server.requests) == 1
-
-
-def test_stalling_server_times_out_retries_and_gives_up(tiny, server):
-    server.mode = "stall"
-    start = time.monotonic()
-    with pytest.raises(DataError) as info:
-        fetch(tiny, server, timeout=0.2, retries=2, backoff=0.01, sleep=time.sleep)
-    assert time.monotonic() - start < 5
-    assert "gave up after 3 attempts" in str(info.value) and "timed out" in str(info.value)
-    assert len(server.requests) == 3
-    assert [r is None for _, r in server.requests] == [True, False, False]  # each retry resumed
 
 
 def test_offline_message_names_url_and_place(tiny, tmp_path):
@@ -224,17 +125,8 @@ def test_file_placed_by_hand_is_verified_not_fetched(tiny, server, tmp_path):
     assert server.requests == [] and zoo.cache_status(tiny) == "verified"
 
 
-def test_corrupt_cached_file_is_replaced(tiny, server, tmp_path):
-    path = tmp_path / "cache" / "tiny" / "tiny.caffemodel"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(PAYLOAD[:-1] + b"!")
-    assert fetch(tiny, server).read_bytes() == PAYLOAD
-
-
-def test_no_published_checksum_needs_trust_unverified(tmp_path, server, monkeypatch, caplog):
-    monkeypatch.setenv("CAFFELITE_MODEL_ZOO", str(tmp_path / "zoo"))
-    monkeypatch.setenv("CAFFELITE_ZOO_DIR", str(tmp_path / "cache"))
-    model = make_zoo(tmp_path / "zoo", sha1=None)
+def test_no_published_checksum_needs_trust_unverified(new_model, server, caplog):
+    model = new_model(sha1=None)
     with pytest.raises(ConfigError, match="no checksum is known.*--trust-unverified"):
         fetch(model, server)
     assert server.requests == []
@@ -244,10 +136,8 @@ def test_no_published_checksum_needs_trust_unverified(tmp_path, server, monkeypa
     assert zoo.resolve_weights("zoo:tiny") == str(path)
 
 
-def test_unverifiable_file_placed_by_hand_is_used_only_once_accepted(tmp_path, server, monkeypatch):
-    monkeypatch.setenv("CAFFELITE_MODEL_ZOO", str(tmp_path / "zoo"))
-    monkeypatch.setenv("CAFFELITE_ZOO_DIR", str(tmp_path / "cache"))
-    model = make_zoo(tmp_path / "zoo", sha1=None)
+def test_unverifiable_file_placed_by_hand_is_used_only_once_accepted(new_model, server):
+    model = new_model(sha1=None)
     path = zoo.cached_path(model)
     path.parent.mkdir(parents=True)
     path.write_bytes(PAYLOAD)
@@ -312,23 +202,21 @@ layer:
 """
 
 
-def pretrained_zoo(tmp_path, monkeypatch):
+def pretrained_zoo(tmp_path, new_model):
     """A 'pretrained' net saved as a caffemodel and registered as zoo model 'tiny', already cached."""
     net = Net(parse_net(PRETRAINED % {"last": "fc8", "n": 4}), phase=TEST, seed=3)
     blob_file = tmp_path / "pretrained.caffemodel"
     net.save(str(blob_file))
     payload = blob_file.read_bytes()
-    monkeypatch.setenv("CAFFELITE_MODEL_ZOO", str(tmp_path / "zoo"))
-    monkeypatch.setenv("CAFFELITE_ZOO_DIR", str(tmp_path / "cache"))
-    model = make_zoo(tmp_path / "zoo", payload=payload)
+    model = new_model(payload=payload)
     cached = zoo.cached_path(model)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(payload)
     return net
 
 
-def test_finetuning_copies_by_name_and_keeps_the_renamed_layer_fresh(tmp_path, monkeypatch):
-    pretrained = pretrained_zoo(tmp_path, monkeypatch)
+def test_finetuning_copies_by_name_and_keeps_the_renamed_layer_fresh(tmp_path, new_model):
+    pretrained = pretrained_zoo(tmp_path, new_model)
     net = Net(parse_net(PRETRAINED % {"last": "fc8_new", "n": 2}), phase=TEST, seed=4)
     copy_weights(net, "zoo:tiny")
     for name in ("conv1", "fc7"):
@@ -342,8 +230,8 @@ def test_finetuning_copies_by_name_and_keeps_the_renamed_layer_fresh(tmp_path, m
         copy_weights(same_name, "zoo:tiny")
 
 
-def test_train_command_takes_zoo_weights(tmp_path, monkeypatch, capsys):
-    pretrained = pretrained_zoo(tmp_path, monkeypatch)
+def test_train_command_takes_zoo_weights(tmp_path, new_model, capsys):
+    pretrained = pretrained_zoo(tmp_path, new_model)
     net_text = (PRETRAINED % {"last": "fc8_new", "n": 2}).replace(
         "{name: data, type: Input, top: data, input_param: {shape: {dim: [2, 1, 6, 6]}}}",
         "{name: data, type: DummyData, top: [data, label], dummy_data_param: "

@@ -2,12 +2,12 @@
 import importlib.util
 import io
 import tarfile
-import urllib.error
 
 import numpy as np
 import pytest
 
 from conftest import REPO
+from test_download import LoopbackServer, go_offline
 from caffelite import config
 from caffelite.data.lmdb_source import iter_records
 from caffelite.io.binaryproto import read_mean
@@ -120,14 +120,21 @@ def test_bad_inputs(tmp_path, capsys):
 
 
 def test_offline_download_fails_clearly(tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(get_cifar10.urllib.request, "urlopen", offline)
+    tried = go_offline(monkeypatch)
     assert get_cifar10.main(["--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "cannot download" in err and "--from DIR" in err
-    assert not any(tmp_path.glob("*lmdb")) and not any(tmp_path.glob(".cifar*"))
+    assert "cannot download" in err and "--from DIR" in err and get_cifar10.URL in err
+    assert tried == [get_cifar10.URL]  # an unknown host is not retried
+    assert not any(tmp_path.iterdir())  # no database, no partial file, no lock
+
+
+def test_download_with_the_wrong_md5_is_deleted(tmp_path, monkeypatch, capsys):
+    with LoopbackServer({"/cifar-10-binary.tar.gz": b"not the archive"}) as srv:
+        monkeypatch.setattr(get_cifar10, "URL", f"{srv.base}/cifar-10-binary.tar.gz")
+        assert get_cifar10.main(["--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert f"md5 expected {get_cifar10.MD5}" in err and "run the script again" in err
+    assert not any(tmp_path.iterdir())
 
 
 # ---- configs/cifar10 -------------------------------------------------------------------

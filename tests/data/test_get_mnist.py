@@ -1,12 +1,13 @@
 """scripts/get_mnist.py: offline conversion equals real Caffe's MNIST LMDBs."""
 import gzip
+import hashlib
 import importlib.util
 import struct
-import urllib.error
 
 import pytest
 
 from conftest import FIXTURES, MNIST_DIR, REPO
+from test_download import LoopbackServer, go_offline
 from caffelite.data.lmdb_source import iter_records
 from caffelite.proto import pb
 
@@ -40,14 +41,26 @@ def test_from_local_files_matches_caffe(tmp_path, capsys):
 
 
 def test_offline_download_fails_clearly(tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(get_mnist.urllib.request, "urlopen", offline)
-    assert get_mnist.main(["--out", str(tmp_path)]) != 0
+    tried = go_offline(monkeypatch)
+    assert get_mnist.main(["--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "cannot download" in err and "--from DIR" in err
-    assert not any(tmp_path.glob("*lmdb"))
+    assert "cannot download" in err and "--from DIR" in err and "Temporary failure" in err
+    assert tried == [mirror + "train-images-idx3-ubyte.gz" for mirror in get_mnist.MIRRORS]  # no retries
+    assert not any(tmp_path.iterdir())  # no database, no partial file, no lock
+
+
+def test_download_tries_the_mirrors_and_keeps_a_verified_file(tmp_path, monkeypatch, capsys):
+    name = "t10k-labels-idx1-ubyte.gz"
+    good = gzip.compress(struct.pack(">2I", 2049, 3) + bytes([1, 2, 3]))
+    with LoopbackServer({f"/bad/{name}": b"not it", f"/good/{name}": good}) as srv:
+        monkeypatch.setattr(get_mnist, "MIRRORS", (f"{srv.base}/gone/", f"{srv.base}/bad/", f"{srv.base}/good/"))
+        monkeypatch.setitem(get_mnist.MD5, name, {"0" * 32, hashlib.md5(good).hexdigest()})  # either one
+        assert get_mnist.download(name, tmp_path) == tmp_path / name
+        assert capsys.readouterr().out == f"downloaded {srv.base}/good/{name}\n"
+        assert (tmp_path / name).read_bytes() == good and sorted(tmp_path.iterdir()) == [tmp_path / name]
+        srv.requests.clear()
+        get_mnist.download(name, tmp_path)
+        assert "present, checksum OK" in capsys.readouterr().out and srv.requests == []
 
 
 def write_idx(path, magic, dims, payload):
