@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .errors import DataError
-from .io.atomic import _fsync_folder
+from .io.atomic import fsync_folder
 from .log import get_logger
 
 log = get_logger("download")
@@ -317,7 +317,7 @@ def fetch(urls: str | Sequence[str], dest: str | os.PathLike, checksums: Checksu
             bad = "; ".join(mismatches(accepted, hashes))
             if not bad:
                 os.replace(part, dest)
-                _fsync_folder(dest)
+                fsync_folder(dest)
                 return Fetched(dest, url, hashes)
             part.unlink()
             failures.append(f"{url}: checksum mismatch ({bad})")

@@ -79,7 +79,7 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_folder(path: str) -> None:
+def fsync_folder(path: str) -> None:
     """Make the rename itself durable (not possible on every platform)."""
     try:
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -99,7 +99,7 @@ def _commit(tmp: str, path: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
-    _fsync_folder(path)
+    fsync_folder(path)
 
 
 @contextlib.contextmanager
