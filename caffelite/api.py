@@ -308,6 +308,10 @@ class Net:
         """Copy parameters by layer name from .caffemodel / .h5 files (comma-separated)."""
         from .io.weights import copy_weights  # noqa: PLC0415
 
+        solver = getattr(self, "_solver_core", None)
+        if solver is not None:  # a solver's train net: with mixed precision the float32 masters load
+            solver._copy_weights(self._net, os.fspath(weights))
+            return
         copy_weights(self._net, weights)
 
     def save(self, path: str | os.PathLike) -> str:
@@ -339,6 +343,9 @@ class Solver:
     def __init__(self, core):
         self._solver = core
         self._net = Net.wrap(core.net)
+        # copy_from on the train net goes through the solver (mixed precision: into the float32
+        # master weights, which the next update would otherwise write back over the net).
+        self._net._solver_core = core
         self._test_nets = [Net.wrap(n) for n in core.test_nets]
 
     @property

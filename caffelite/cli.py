@@ -307,14 +307,43 @@ def _load_net(args, phase: int):
     return net
 
 
+def _out_of_memory(exc, args, net=None, when: str = "") -> CaffeliteError:
+    """The TrainingError for a GPU out-of-memory while ``test`` or ``time`` ran (see oom.py)."""
+    from .oom import batch_size_of, out_of_memory_error  # noqa: PLC0415
+
+    name, batch = "?", None
+    try:
+        if net is None:
+            from . import config  # noqa: PLC0415
+
+            net = config.load_net(args.model)
+        name, batch = net.name, batch_size_of(net)
+    except Exception:  # the message must not fail
+        pass
+    return out_of_memory_error(exc, net_name=name, source=args.model, batch_size=batch, when=when,
+                               device=f"gpu:{args.gpu}" if args.gpu else None)
+
+
+def _load_net_guarded(args, phase: int):
+    from . import backend  # noqa: PLC0415
+
+    try:
+        return _load_net(args, phase)
+    except backend.out_of_memory_types() as exc:
+        raise _out_of_memory(exc, args, when="building the net") from None
+
+
 def cmd_test(args) -> int:
+    from . import backend  # noqa: PLC0415
     from .layers.base import TEST  # noqa: PLC0415
 
     if args.iterations < 1:
         raise ConfigError("--iterations must be at least 1")
-    net = _load_net(args, TEST)
+    net = _load_net_guarded(args, TEST)
     try:
         return _run_test(args, net)
+    except backend.out_of_memory_types() as exc:
+        raise _out_of_memory(exc, args, net, "testing") from None
     except CaffeliteError as exc:
         raise locate(exc, args.model) from None
     finally:
@@ -350,13 +379,16 @@ def _run_test(args, net) -> int:
 
 
 def cmd_time(args) -> int:
+    from . import backend  # noqa: PLC0415
     from .layers.base import TEST, TRAIN  # noqa: PLC0415
 
     if args.iterations < 1:
         raise ConfigError("--iterations must be at least 1")
-    net = _load_net(args, TRAIN if args.phase == "TRAIN" else TEST)
+    net = _load_net_guarded(args, TRAIN if args.phase == "TRAIN" else TEST)
     try:
         return _run_time(args, net)
+    except backend.out_of_memory_types() as exc:
+        raise _out_of_memory(exc, args, net, "timing forward/backward") from None
     except CaffeliteError as exc:
         raise locate(exc, args.model) from None
     finally:
@@ -376,6 +408,7 @@ def _run_time(args, net) -> int:
     total_start = time.perf_counter()
     fwd_total = bwd_total = 0.0
     for it in range(args.iterations):
+        net.clear_param_diffs()  # as in training, so backward times match a solver step
         start = time.perf_counter()
         for i, layer in enumerate(net.layers):
             t0 = time.perf_counter()
@@ -422,26 +455,78 @@ def _synchronizer(net):
 
 
 def cmd_device_query(args) -> int:
-    from .backend import cupy_module, gpu_available  # noqa: PLC0415
+    """Caffe's device_query, plus the library versions a GPU run depends on."""
+    from .backend import cupy_module, gpu_available, tf32_enabled  # noqa: PLC0415
 
     if not gpu_available():
         print("No GPU available: CuPy is not installed or no CUDA device is visible. "
               "caffelite runs on the CPU; install 'caffelite[gpu]' on a machine with an NVIDIA GPU.")
         return 0
     cp = cupy_module()
-    ids = range(cp.cuda.runtime.getDeviceCount()) if args.gpu in (None, "all") else \
-        [int(s) for s in args.gpu.split(",")]
+    count = cp.cuda.runtime.getDeviceCount()
+    try:
+        ids = range(count) if args.gpu in (None, "all") else [int(s) for s in args.gpu.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpu '{args.gpu}' is not a list of device ids", hint="for example --gpu 0") from None
     for i in ids:
+        if not 0 <= i < count:
+            raise ConfigError(f"there is no GPU {i}: {count} device(s) visible", hint=f"use --gpu 0..{count - 1}")
         props = cp.cuda.runtime.getDeviceProperties(i)
-        free, total = cp.cuda.Device(i).mem_info
+        with cp.cuda.Device(i):
+            free, total = cp.cuda.Device(i).mem_info
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
         log.info("Device id:                     %d", i)
-        log.info("Name:                          %s", props["name"].decode())
+        log.info("Name:                          %s", name)
         log.info("Compute capability:            %d.%d", props["major"], props["minor"])
-        log.info("Total global memory:           %d (%.1f GiB, %.1f GiB free)", total, total / 2**30, free / 2**30)
+        log.info("Total global memory:           %d (%.1f GiB, %.1f GiB free)", total, total / 2**30,
+                 free / 2**30)
         log.info("Multiprocessors:               %d", props["multiProcessorCount"])
-    log.info("CuPy version:                  %s", cp.__version__)
-    log.info("CUDA runtime version:          %d", cp.cuda.runtime.runtimeGetVersion())
+        if "clockRate" in props:
+            log.info("Clock rate:                    %.0f MHz", props["clockRate"] / 1000)
+        if "l2CacheSize" in props:
+            log.info("L2 cache:                      %.1f MiB", props["l2CacheSize"] / 2**20)
+    for line in _library_versions(cp):
+        log.info("%s", line)
+    log.info("TF32 for float32 GEMMs:        %s", "on" if tf32_enabled() else "off (CUPY_TF32=0)")
     return 0
+
+
+def _nccl_version(v: int) -> str:
+    """NCCL's encoding: 21805 -> '2.18.5' (before 2.9: 1000 * major + 100 * minor + patch)."""
+    if v >= 10000:
+        return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+
+
+def _library_versions(cp) -> list[str]:
+    lines = [f"CuPy version:                  {cp.__version__}"]
+    for label, get in (("CUDA runtime version:", cp.cuda.runtime.runtimeGetVersion),
+                       ("CUDA driver version:", cp.cuda.runtime.driverGetVersion)):
+        try:
+            lines.append(f"{label:<31}{_cuda_version(get())}")
+        except Exception as exc:
+            lines.append(f"{label:<31}unknown ({exc})")
+    from .layers.cudnn_conv import cudnn_module, cudnn_version  # noqa: PLC0415
+
+    cudnn = cudnn_module()
+    if cudnn is None:
+        lines.append("cuDNN version:                 not available (pip install 'caffelite[cudnn]'); "
+                     "convolutions use the im2col engine")
+    else:
+        frontend = getattr(cudnn, "__version__", "unknown")
+        lines.append(f"cuDNN version:                 {cudnn_version()} (frontend {frontend})")
+    try:
+        from cupy.cuda import nccl  # noqa: PLC0415 - optional part of CuPy
+
+        lines.append(f"NCCL version:                  {_nccl_version(int(nccl.get_version()))}")
+    except Exception:
+        lines.append("NCCL version:                  not available (multi-GPU training needs it)")
+    return lines
+
+
+def _cuda_version(v: int) -> str:
+    """CUDA's encoding: 1000 * major + 10 * minor (12040 -> '12.4')."""
+    return f"{v // 1000}.{v % 1000 // 10}"
 
 
 HANDLERS = {"train": cmd_train, "test": cmd_test, "time": cmd_time, "device_query": cmd_device_query}

@@ -20,7 +20,7 @@ from .blob import Blob
 from .errors import CaffeliteError, ConfigError
 from .layers.base import TEST, TRAIN, Layer, LayerContext
 from .proto import pb
-from .registry import LAYERS
+from .registry import layer_class
 
 STRICT, PERMISSIVE = 0, 1  # ParamSpec.DimCheckMode
 
@@ -178,6 +178,8 @@ class Net:
         self.layer_need_backward: list[bool] = []
         self.blob_loss_weights: dict[str, float] = {}
         self._loss_tops: list[tuple[int, Blob, float]] = []
+        #: Mixed precision: the loss-layer top diffs start at loss_weight * loss_scale.
+        self.loss_scale = 1.0
         # Called with the layer index after each layer's forward / backward (debug_info,
         # gradient all-reduce overlapped with backward).
         self.after_forward: list = []
@@ -212,7 +214,7 @@ class Net:
         """Create one layer, wire its bottoms and tops, set it up, register its params."""
         if not lp.type:
             raise ConfigError("has no type", layer=lp.name, hint="add 'type: <LayerType>'")
-        layer = LAYERS.get(lp.type)(lp, self.ctx)
+        layer = layer_class(lp, self.ctx)(lp, self.ctx)
         if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
             raise ConfigError(f"has {len(lp.propagate_down)} propagate_down values for "
                               f"{len(lp.bottom)} bottoms", layer=lp.name,
@@ -323,8 +325,13 @@ class Net:
         return self._param_state.decay
 
     # ---- running ---------------------------------------------------------------
-    def forward(self, start: int = 0, end: int | None = None) -> float:
-        """Run layers ``start..end`` (inclusive); returns the weighted loss."""
+    def forward(self, start: int = 0, end: int | None = None, *, host_loss: bool = True):
+        """Run layers ``start..end`` (inclusive); returns the weighted loss.
+
+        ``host_loss=False`` returns it as a 0-d float32 (float64 for a float64 net) array on the
+        net's device instead of a Python float, so a GPU run does not wait for the device here
+        (the solver reads the losses in one copy at display time).
+        """
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
         i = start
@@ -337,15 +344,27 @@ class Net:
                     hook(i)
         except CaffeliteError as exc:
             raise self._named(exc, i) from None
+        if not host_loss:
+            return self._device_loss(start, end)
         for i, blob, weight in self._loss_tops:
             if start <= i <= end:
                 loss += weight * float(blob.data.sum())
         return loss
 
+    def _device_loss(self, start: int, end: int):
+        xp = self.ctx.xp
+        acc = xp.float64 if self.ctx.dtype == np.float64 else xp.float32
+        loss = xp.zeros((), acc)
+        for i, blob, weight in self._loss_tops:
+            if start <= i <= end:
+                loss += blob.data.sum(dtype=acc) * acc(weight)
+        return loss
+
     def backward(self) -> None:
         """Backward through every layer that needs it; ``after_backward`` hooks see each index."""
+        scale = self.loss_scale
         for _, blob, weight in self._loss_tops:
-            blob.diff[...] = weight
+            blob.diff[...] = weight if scale == 1 else weight * scale
         i = len(self.layers) - 1
         try:
             for i in reversed(range(len(self.layers))):
@@ -362,8 +381,8 @@ class Net:
         exc.args = (exc.format(),)
         return _locate(exc, self.source)
 
-    def forward_backward(self) -> float:
-        loss = self.forward()
+    def forward_backward(self, *, host_loss: bool = True):
+        loss = self.forward(host_loss=host_loss)
         self.backward()
         return loss
 
@@ -372,8 +391,9 @@ class Net:
             layer.reshape(bottom, top)
 
     def clear_param_diffs(self) -> None:
+        """Zero every learnable diff (lazily: a layer writing a whole gradient skips the pass)."""
         for blob in self.learnable_params:
-            blob.diff[...] = 0
+            blob.clear_diff()
 
     def update(self) -> None:
         """W -= diff for every learnable parameter (shared ones are updated once)."""

@@ -59,6 +59,44 @@ register_solver = SOLVERS.register
 register_filler = FILLERS.register
 register_lr_policy = LR_POLICIES.register
 
+# ---- engines: alternative implementations of a layer type (Caffe's ``engine`` field) ---------
+ENGINE_NAMES = {0: "DEFAULT", 1: "CAFFE", 2: "CUDNN"}  # the same numbers in every *Parameter.Engine
+_ENGINES: dict[str, list] = {}
+
+
+def register_engine(layer_type: str):
+    """Register a class as another engine for ``layer_type``. The class decides with
+    ``engine_chosen(ctx, requested) -> bool`` (``requested``: 'DEFAULT', 'CAFFE' or 'CUDNN')
+    whether it runs a layer; when no engine says yes the registered layer class runs it."""
+    def decorate(cls):
+        variants = _ENGINES.setdefault(layer_type, [])
+        if cls not in variants:
+            variants.append(cls)
+        return cls
+    return decorate
+
+
+def requested_engine(layer_param, cls) -> str:
+    """The ``engine`` the layer's own *_param asks for ('DEFAULT' when it has none)."""
+    name = getattr(cls, "param_name", None)
+    if not name or not layer_param.HasField(name):
+        return "DEFAULT"
+    param = getattr(layer_param, name)
+    return ENGINE_NAMES.get(getattr(param, "engine", 0), "DEFAULT")
+
+
+def layer_class(layer_param, ctx):
+    """The class that runs ``layer_param`` in ``ctx``: an engine that chooses to, else the type's."""
+    cls = LAYERS.get(layer_param.type)
+    variants = _ENGINES.get(layer_param.type)
+    if variants:
+        requested = requested_engine(layer_param, cls)
+        for variant in variants:
+            if variant.engine_chosen(ctx, requested):
+                return variant
+    return cls
+
+
 _BUILTINS = ("caffelite.layers", "caffelite.solvers", "caffelite.fillers")
 _loaded = False
 

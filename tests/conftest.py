@@ -24,3 +24,31 @@ def _reset_caffelite_logger():
     for handler in [h for h in logger.handlers if getattr(h, "_caffelite", False)]:
         logger.removeHandler(handler)
     logger.propagate = True
+
+
+# ---- devices: the same test body on the CPU and on a GPU ----------------------------------------
+def gpu_ready() -> bool:
+    """CuPy imports and sees a CUDA device (never imports CuPy when it is not installed)."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    from caffelite.backend import gpu_available  # noqa: PLC0415
+
+    return gpu_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU (skipped cleanly without them)")
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request):
+    """A caffelite Device: ``cpu``, then ``gpu`` (GPU 0), which is skipped without CuPy or a GPU."""
+    from caffelite.backend import CPU, Device  # noqa: PLC0415
+
+    if request.param == "gpu":
+        if not gpu_ready():
+            pytest.skip("no GPU: CuPy is not installed or no CUDA device is visible")
+        return Device.gpu(0)
+    return CPU

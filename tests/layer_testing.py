@@ -3,15 +3,21 @@
 The gradient check uses central differences in float64 with a random
 projection of the tops as the loss: L = sum_k sum(R_k * top_k). Elements at a
 kink (ReLU at 0, a max-pooling tie) are found by comparing two step sizes and
-skipped, as Caffe's checker skips its kink range.
+skipped, as Caffe's checker skips its kink range. It runs on the CPU.
+
+``make_layer(..., device=...)`` builds a layer on a GPU too (tests take the
+``device`` fixture of conftest.py); ``compare_devices`` runs a layer in float32
+on the CPU and on a device and asserts that forward and backward agree.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
 from google.protobuf import json_format
 
+from caffelite.backend import CPU
 from caffelite.blob import Blob
 from caffelite.layers.base import TEST, LayerContext
 from caffelite.proto import pb
@@ -25,9 +31,17 @@ def layer_param(type: str, name: str = "layer", **fields) -> "pb.LayerParameter"
     return msg
 
 
-def make_layer(type: str, *, phase: int = TEST, dtype=np.float64, seed: int = 1701, **fields):
-    ctx = LayerContext(phase=phase, dtype=np.dtype(dtype), seed=seed)
-    return LAYERS.get(type)(layer_param(type, **fields), ctx)
+def make_layer(type: str, *, phase: int = TEST, dtype=np.float64, seed: int = 1701, device=CPU,
+               engine_choice: bool = False, **fields):
+    """A layer of ``type`` on ``device``; ``engine_choice`` picks its class as a Net would (the
+    ``engine`` field: cuDNN on a GPU where available), else the type's own class."""
+    ctx = LayerContext(phase=phase, dtype=np.dtype(dtype), seed=seed, device=device)
+    param = layer_param(type, **fields)
+    if engine_choice:
+        from caffelite.registry import layer_class
+
+        return layer_class(param, ctx)(param, ctx)
+    return LAYERS.get(type)(param, ctx)
 
 
 def setup(layer, bottom_arrays: Sequence[np.ndarray], num_top: int = 1):
@@ -118,3 +132,70 @@ def check_gradient(layer, bottom: list[Blob], top: list[Blob], *,
             checked += 1
     objective()
     return checked
+
+
+def compare_devices(type: str, bottom_arrays, device, *, num_top: int = 1, in_place: bool = False,
+                    check_bottom: Sequence[int] | None = None, rtol: float = 2e-4, atol: float = 2e-5,
+                    engine_choice: bool = True, **kwargs):
+    """Run layer ``type`` in float32 on the CPU and on ``device`` with the same parameters, inputs
+    and top diffs; assert tops, bottom diffs and parameter diffs agree within float32 tolerance.
+
+    ``check_bottom``: bottoms that get a gradient (default all). ``in_place``: top 0 is bottom 0.
+    Returns the CPU results ``(tops, bottom diffs, param diffs)``.
+    """
+    if check_bottom is None:
+        check_bottom = range(len(bottom_arrays))
+    arrays = [np.asarray(a, np.float32) for a in bottom_arrays]
+    results = []
+    with full_float32():
+        for dev in (CPU, device):
+            results.append(_run_on(type, arrays, dev, num_top, in_place, check_bottom, engine_choice,
+                                   kwargs))
+    (cpu_tops, cpu_dx, cpu_dw), (dev_tops, dev_dx, dev_dw) = results
+    where = f"{type} on {device}"
+    for kind, expected, got in (("top", cpu_tops, dev_tops), ("bottom diff", cpu_dx, dev_dx),
+                                ("param diff", cpu_dw, dev_dw)):
+        assert len(expected) == len(got), f"{where}: {kind} count"
+        for i, (e, g) in enumerate(zip(expected, got)):
+            assert g.dtype == np.float32, f"{where}: {kind} {i} is {g.dtype}"
+            np.testing.assert_allclose(g, e, rtol=rtol, atol=atol, err_msg=f"{where}: {kind} {i}")
+    return cpu_tops, cpu_dx, cpu_dw
+
+
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for the block: a GPU's float32 GEMMs then round like the CPU's (within float32
+    tolerance); TF32 keeps only 10 mantissa bits."""
+    from caffelite.backend import set_tf32, tf32_enabled
+
+    before = tf32_enabled()
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        set_tf32(before)
+
+
+def _run_on(type, arrays, dev, num_top, in_place, check_bottom, engine_choice, kwargs):
+    """One float32 forward and backward of ``type`` on ``dev``: (tops, bottom diffs, param diffs)."""
+    layer = make_layer(type, dtype=np.float32, device=dev, engine_choice=engine_choice, **kwargs)
+    if in_place:
+        bottom = [Blob(a.shape, np.float32, dev, name=f"bottom{i}") for i, a in enumerate(arrays)]
+        for blob, a in zip(bottom, arrays):
+            blob.set_data(a)
+        top = [bottom[0]]
+        layer.layer_setup(bottom, top)
+    else:
+        bottom, top = setup(layer, arrays, num_top)
+    outs = forward(layer, bottom, top)
+    rs = np.random.default_rng(0)
+    for t, o in zip(top, outs):
+        t.set_diff(rs.standard_normal(o.shape).astype(np.float32))
+    for b in layer.blobs:
+        b.set_diff(0)
+    propagate = [i in check_bottom for i in range(len(bottom))]
+    layer.backward(top, propagate, bottom)
+    bottom_diffs = [bottom[i].cpu_diff().copy() for i in range(len(bottom)) if propagate[i]]
+    param_diffs = [b.cpu_diff().copy() for i, b in enumerate(layer.blobs)
+                   if layer.param_propagate_down[i]]
+    return outs, bottom_diffs, param_diffs

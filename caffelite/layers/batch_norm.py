@@ -74,10 +74,13 @@ class BatchNormLayer(Layer):
         x = self._view(bottom[0].data)
         y = self._view(top[0].data)
         if self.use_global_stats:
-            factor = float(self.blobs[2].cpu_data()[0])
-            factor = 0.0 if factor == 0 else 1.0 / factor
-            mean = self.blobs[0].data * factor
-            var = self.blobs[1].data * factor
+            # 1 / factor, or 0 while factor is 0, computed where the factor lives (on a GPU a
+            # host read would wait for the device every forward).
+            factor = self.blobs[2].data
+            nonzero = factor != 0
+            inv = nonzero / (factor + ~nonzero)
+            mean = self.blobs[0].data * inv
+            var = self.blobs[1].data * inv
         else:
             m = x.shape[0] * x.shape[2]
             mean = sum_outer_inner(xp, x) / m

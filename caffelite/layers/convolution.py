@@ -153,6 +153,9 @@ class _ConvolutionBase(Layer):
     def _dft_engine(self):
         """The DFT engine for this geometry, or None for im2col + GEMM (see conv_dft.py)."""
         g = self.geometry
+        # float16 overflows the transform's sums, and on a GPU cuDNN / GEMM are the fast paths.
+        if self.dtype.itemsize < 4 or self.device.is_gpu:
+            return None
         if (self.deconvolution or FORCE_ENGINE == "gemm" or len(g.kernel) != 2
                 or any(s != 1 for s in g.stride) or any(d != 1 for d in g.dilation)
                 or g.kernel == (1, 1)):

@@ -8,6 +8,9 @@
 """
 from __future__ import annotations
 
+import numpy as np
+
+from ..backend import DEFERRED
 from ..errors import DataError
 from ..proto import pb
 
@@ -53,6 +56,27 @@ def normalizer(mode: int, outer: int, inner: int, valid_count: int = -1) -> floa
     return float(max(1, n))
 
 
+def valid_normalizer(xp, mode: int, outer: int, inner: int, valid):
+    """``normalizer`` with VALID counting the True positions of the device mask ``valid``.
+
+    On the CPU a float, exactly ``normalizer(..., int(valid.sum()))``; on the GPU the count stays
+    on the device (a 0-d float32 array: dividing by it needs no host round trip).
+    """
+    if valid is None or mode != VALID:
+        return normalizer(mode, outer, inner, -1 if valid is None else outer * inner)
+    if xp is np:
+        return normalizer(mode, outer, inner, int(valid.sum()))
+    return xp.maximum(valid.sum(), 1).astype(xp.float32)
+
+
+def clipped_log(xp, p, floor: float):
+    """log(max(p, floor)); float16/bfloat16 probabilities are taken to float32 first, where
+    Caffe's floors (FLT_MIN, 1e-20) exist (in float16 they would round to 0: log 0 = -inf)."""
+    if p.dtype.itemsize < 4:
+        p = p.astype(xp.float32)
+    return xp.log(xp.maximum(p, floor))
+
+
 def check_label_count(layer, scores_shape: tuple, axis: int, label_count: int) -> tuple[int, int]:
     """(outer, inner) around ``axis`` of the scores; the label must hold outer*inner values."""
     outer = _prod(scores_shape[:axis])
@@ -82,14 +106,24 @@ def label_indices(layer, label, outer: int, inner: int, num_classes: int, ignore
         valid = index != ignore_label
         index = xp.where(valid, index, 0)
     bad = (index < 0) | (index >= num_classes)
-    if bool(bad.any()):
-        first = int(xp.argmax(bad.reshape(-1)))
-        value = int(index.reshape(-1)[first])
-        raise DataError(
-            f"({layer.type}) label {value} at position {first} is outside the "
+
+    def error(first, value):
+        return DataError(
+            f"({layer.type}) label {int(value)} at position {int(first)} is outside the "
             f"{num_classes} classes [0, {num_classes})", layer=layer.name,
             hint="check the data's labels, the scores' num_output, or set "
                  "loss_param.ignore_label / accuracy_param.ignore_label for labels to skip")
+
+    if xp is not np and DEFERRED.active:
+        # No host round trip per batch: the flag is read with the losses at display time, and
+        # meanwhile the indices are clipped so that nothing reads outside the scores.
+        flat = bad.reshape(-1)
+        first = xp.argmax(flat)  # 0-d device arrays: nothing is read here
+        DEFERRED.add(flat.any(), (first, xp.take(index.reshape(-1), first)), error)
+        return xp.clip(index, 0, num_classes - 1), valid
+    if bool(bad.any()):
+        first = int(xp.argmax(bad.reshape(-1)))
+        raise error(first, int(index.reshape(-1)[first]))
     return index, valid
 
 

@@ -26,8 +26,8 @@ from ..io.binaryproto import read_binaryproto
 from ..proto import pb
 from ..registry import register_layer
 from .base import LossLayer
-from .loss_norm import (BATCH_SIZE, check_label_count, get_normalization, label_indices,
-                        normalizer)
+from .loss_norm import (BATCH_SIZE, check_label_count, clipped_log, get_normalization, label_indices,
+                        valid_normalizer)
 from .lstm_unit import sigmoid_
 from .softmax import softmax
 
@@ -67,7 +67,7 @@ class MultinomialLogisticLossLayer(LossLayer):
         self._index = index[:, 0]
         p = bottom[0].data.reshape(self.N, self.D)
         self._picked = xp.maximum(p[self._rows, self._index], LOG_THRESHOLD)
-        top[0].data[...] = -xp.log(self._picked).sum() / self.N
+        top[0].data[...] = -clipped_log(xp, self._picked, LOG_THRESHOLD).sum() / self.N
 
     def backward(self, top, propagate_down, bottom):
         _no_label_gradient(self, propagate_down)
@@ -133,12 +133,9 @@ class InfogainLossLayer(LossLayer):
         rows = H[index].transpose(0, 2, 1)
         if valid is not None:
             rows = rows * valid[:, None, :].astype(rows.dtype)
-            count = int(valid.sum())
-        else:
-            count = self.outer * self.inner
         self._rows, self._valid = rows, valid
-        self._norm = normalizer(self.normalization, self.outer, self.inner, count)
-        log_p = xp.log(xp.maximum(prob, LOG_THRESHOLD))
+        self._norm = valid_normalizer(xp, self.normalization, self.outer, self.inner, valid)
+        log_p = clipped_log(xp, prob, LOG_THRESHOLD)
         top[0].data[...] = -(rows * log_p).sum() / self._norm
 
     def backward(self, top, propagate_down, bottom):
@@ -231,13 +228,12 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         t = bottom[1].data.reshape(x.shape)
         # max(x, 0) - x t + log(1 + exp(-|x|)): exp never overflows.
         loss = xp.maximum(x, 0) - x * t + xp.log1p(xp.exp(-xp.abs(x)))
-        self._valid, count = None, -1
+        self._valid = None
         if self.ignore_label is not None:
             # Caffe compares static_cast<int>(target): truncation toward zero.
             self._valid = t.astype(xp.int64) != self.ignore_label
             loss = loss * self._valid
-            count = int(self._valid.sum())
-        self._norm = normalizer(self.normalization, self.outer, self.inner, count)
+        self._norm = valid_normalizer(xp, self.normalization, self.outer, self.inner, self._valid)
         top[0].data[...] = loss.sum() / self._norm
         self._sigmoid[...] = x
         sigmoid_(xp, self._sigmoid)

@@ -6,6 +6,8 @@ it needs from the top or from a copy kept by forward.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..fillers import fill
 from ..proto import pb
 from ..registry import register_layer
@@ -124,9 +126,10 @@ class DropoutLayer(NeuronLayer):
     """TRAIN: y = x * mask / (1 - r), mask ~ Bernoulli(1 - r) per element (r = dropout_ratio);
     TEST: y = x. Backward applies the same mask and scale.
 
-    The mask is drawn from the layer's own NumPy stream ``self.rng`` (so a
-    snapshot resumes it exactly) and moved to the device when the net is on a
-    GPU; drawing with CuPy's generator would avoid that copy.
+    On the CPU the mask is drawn from the layer's own NumPy stream ``self.rng``
+    (so a snapshot resumes it exactly). On a GPU it is drawn on the device by a
+    CuPy generator that is reseeded from ``self.rng`` every forward: no host
+    copy per batch, and a resumed run still draws the same masks.
     """
 
     param_name = "dropout_param"
@@ -146,12 +149,24 @@ class DropoutLayer(NeuronLayer):
             if not _in_place(bottom, top):
                 y[...] = x
             return
-        uniform = self.rng.random(bottom[0].shape, dtype=self.dtype)
+        if self.device.is_gpu:
+            uniform = self._device_uniform(bottom[0].shape)
+        else:
+            uniform = self.rng.random(bottom[0].shape, dtype=self.dtype)
         keep = uniform >= self.ratio  # kept with probability 1 - r
         multiplier = keep.astype(self.dtype)
         multiplier *= self.scale
-        self._multiplier = multiplier if not self.device.is_gpu else self.xp.asarray(multiplier)
+        self._multiplier = multiplier
         self.xp.multiply(x, self._multiplier, out=y)
+
+    def _device_uniform(self, shape):
+        """Uniform [0, 1) numbers drawn on the GPU (float32 for float16/bfloat16 nets)."""
+        generator = getattr(self, "_device_rng", None)
+        if generator is None:
+            generator = self._device_rng = self.xp.random.RandomState()
+        generator.seed(int(self.rng.integers(2 ** 63)))  # host-side only: no device sync
+        dtype = self.dtype if self.dtype in (np.float32, np.float64) else np.float32
+        return generator.random_sample(shape, dtype=dtype)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import DEFERRED
 from ..errors import DataError
 from ..registry import register_layer
 from .base import Layer, check_not_in_place
@@ -40,10 +41,19 @@ def integer_indices(layer: Layer, values, limit: int, what: str):
     an integer in [0, limit)."""
     xp = layer.xp
     bad = (values < 0) | (values >= limit) | (xp.floor(values) != values)
+
+    def error(first):
+        return DataError(f"({layer.type}) {what} must be integers in [0, {limit}), found {first:g}",
+                         layer=layer.name, hint=f"check the values fed to the layer's {what}")
+
+    if xp is not np and DEFERRED.active:
+        # Read with the losses at display time (no host round trip per batch); meanwhile the
+        # indices are clipped so that nothing reads outside the data.
+        flat = bad.reshape(-1)
+        DEFERRED.add(flat.any(), (xp.take(values.reshape(-1), xp.argmax(flat)),), error)
+        return xp.clip(values, 0, limit - 1).astype(np.int64)
     if bool(bad.any()):
-        first = float(values.reshape(-1)[xp.flatnonzero(bad.reshape(-1))[0]])
-        raise DataError(f"({layer.type}) {what} must be integers in [0, {limit}), found {first:g}",
-                        layer=layer.name, hint=f"check the values fed to the layer's {what}")
+        raise error(float(values.reshape(-1)[xp.flatnonzero(bad.reshape(-1))[0]]))
     return values.astype(np.int64)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..registry import register_layer
 from .base import Layer, LossLayer
-from .loss_norm import check_label_count, get_normalization, label_indices, normalizer
+from .loss_norm import check_label_count, clipped_log, get_normalization, label_indices, valid_normalizer
 
 FLT_MIN = 1.17549435e-38  # Caffe clips probabilities here before the log, whatever Dtype
 
@@ -105,13 +105,11 @@ class SoftmaxWithLossLayer(LossLayer):
                                      self.ignore_label)
         prob3 = prob.reshape(self.outer, self.channels, self.inner)
         picked = xp.take_along_axis(prob3, index[:, None, :], axis=1)[:, 0, :]
-        log_p = xp.log(xp.maximum(picked, FLT_MIN))
-        valid_count = -1
+        log_p = clipped_log(xp, picked, FLT_MIN)
         if valid is not None:
             log_p = xp.where(valid, log_p, 0)
-            valid_count = int(valid.sum())
         self._index, self._valid = index, valid
-        self._norm = normalizer(self.normalization, self.outer, self.inner, valid_count)
+        self._norm = valid_normalizer(xp, self.normalization, self.outer, self.inner, valid)
         top[0].data[...] = -log_p.sum() / self._norm
 
     def backward(self, top, propagate_down, bottom):

@@ -225,11 +225,15 @@ class GradientSync:
             raise TrainingError(f"rank {self.ctx.rank} is at iteration {here[0]} but rank 0 at "
                                 f"{there[0]}: the ranks did not resume from the same snapshot",
                                 hint="resume every rank from the same .solverstate")
-        arrays = [p.data for p in solver.net.learnable_params] + [h.data for h in solver.history]
+        # The update's parameters: the net's, or with mixed precision their float32 master copies.
+        params = getattr(solver, "learnable_params", solver.net.learnable_params)
+        arrays = [p.data for p in params] + [h.data for h in solver.history]
         self.comm.bcast_(arrays, 0, "parameter broadcast", None)
+        if hasattr(solver, "sync_net_params"):
+            solver.sync_net_params()
         if self.ctx.is_root:
             log.info("Broadcast %d parameter and %d history blobs from rank 0 to %d ranks",
-                     len(solver.net.learnable_params), len(solver.history), self.world)
+                     len(params), len(solver.history), self.world)
 
 
 def _env_bucket_bytes() -> int | None:

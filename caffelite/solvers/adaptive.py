@@ -12,15 +12,24 @@ g is the regularized gradient in ``diff``, lr = rate * lr_mult, delta the
 
 AdaDelta and Adam keep two history blobs per parameter; in the solver state
 all first-set blobs come before all second-set blobs, as in Caffe. The
-operation order follows Caffe's, so float32 results round the same way.
+operation order follows Caffe's, so float32 results round the same way. On a GPU, Adam's
+update is one fused CuPy kernel per parameter (fused.py).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..registry import register_solver
 from .base import Solver
+from .fused import fused_kernel
+
+# g = diff + decay * W is the L2-regularized gradient (decay 0 when regularize() already added it).
+_ADAM = ("T b1, T b2, T delta, T rate, T decay, T w", "T m, T v, T diff",
+         "T g = diff + decay * w; m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * (g * g); "
+         "diff = rate * (m / (sqrt(v) + delta));", "caffelite_adam_update")
 
 
 def _no_momentum(param, name: str) -> None:
@@ -37,7 +46,7 @@ class AdaGradSolver(Solver):
 
     def compute_update(self, param_id: int, rate: float) -> None:
         xp = self._xp
-        diff = self.net.learnable_params[param_id].diff
+        diff = self.learnable_params[param_id].diff
         history = self.history_data(param_id)
         tmp = self.scratch(param_id)
         xp.multiply(diff, diff, out=tmp)
@@ -60,7 +69,7 @@ class RMSPropSolver(Solver):
     def compute_update(self, param_id: int, rate: float) -> None:
         xp = self._xp
         r = self._dt(self.param.rms_decay)
-        diff = self.net.learnable_params[param_id].diff
+        diff = self.learnable_params[param_id].diff
         history = self.history_data(param_id)
         tmp = self.scratch(param_id)
         xp.multiply(diff, diff, out=tmp)
@@ -82,7 +91,7 @@ class AdaDeltaSolver(Solver):
         r = self._dt(self.param.momentum)
         one_minus_r = self._dt(1) - r
         delta = self._dt(self.param.delta)
-        diff = self.net.learnable_params[param_id].diff
+        diff = self.learnable_params[param_id].diff
         grad_sq, update_sq = self.history_data(param_id, 0), self.history_data(param_id, 1)
         update, tmp = self.scratch(param_id, 0), self.scratch(param_id, 1)
         xp.multiply(diff, diff, out=update)
@@ -104,6 +113,7 @@ class AdaDeltaSolver(Solver):
 @register_solver("Adam")
 class AdamSolver(Solver):
     history_sets = 2
+    fuses_l2_decay = True
 
     @classmethod
     def check_param(cls, param) -> None:
@@ -117,8 +127,14 @@ class AdamSolver(Solver):
         b1, b2 = self._dt(self.param.momentum), self._dt(self.param.momentum2)
         t = self.iter + 1
         correction = self._dt(math.sqrt(1.0 - math.pow(float(b2), t)) / (1.0 - math.pow(float(b1), t)))
-        diff = self.net.learnable_params[param_id].diff
+        diff = self.learnable_params[param_id].diff
         m, v = self.history_data(param_id, 0), self.history_data(param_id, 1)
+        if xp is not np:  # one fused kernel per parameter on the GPU
+            fused_kernel(xp, *_ADAM)(b1, b2, self._dt(self.param.delta),
+                                     self.local_rate(param_id, rate) * correction,
+                                     self.fused_l2_decay(param_id), self.learnable_params[param_id].data,
+                                     m, v, diff)
+            return
         tmp = self.scratch(param_id)
         m *= b1
         xp.multiply(diff, self._dt(1) - b1, out=tmp)

@@ -32,7 +32,18 @@ Divergence: the loss of every forward/backward pass is checked (one scalar;
 with ``clip_gradients`` the global gradient norm too, which is computed anyway)
 and the weights are checked before each snapshot. A NaN or Inf stops training
 with a TrainingError naming the iteration and the layer found by
-``caffelite.diagnose``; no snapshot of the diverged weights is written.
+``caffelite.diagnose``; no snapshot of the diverged weights is written. On a
+GPU the losses (and layers' checks such as labels in range, see
+``backend.DEFERRED``) stay on the device and are read in one copy at display
+time, before a test or a snapshot, every ``LOSS_DRAIN`` iterations and when
+``step`` returns, so the host never waits for the GPU inside an iteration.
+
+Mixed precision (``compute_dtype: float16``, or bfloat16 on a GPU): the nets
+compute in that dtype and the update works on float32 master copies of the
+parameters, with loss scaling and overflow skips (see mixed_precision.py);
+``learnable_params`` are the parameters the update sees. Running out of GPU
+memory, while building the nets or training, is a TrainingError naming the
+net, its batch size and the allocation that failed (caffelite/oom.py).
 
 Snapshots: each set is written inside ``io.atomic.critical()`` (a second Ctrl-C
 waits for it); ``snapshot_keep`` (a caffelite field) then deletes the sets
@@ -49,7 +60,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
-from ..backend import CPU, Device, gpu_available, seed_from_clock
+from .. import backend
+from ..backend import CPU, DEFERRED, Device, compute_dtype, gpu_available, seed_from_clock, set_tf32, to_numpy
 from ..blob import Blob
 from ..errors import CaffeliteError, ConfigError, DataError, TrainingError
 from ..io.atomic import critical
@@ -67,6 +79,8 @@ log = logging.getLogger(__name__)
 # SolverParameter.SolverType (legacy ``solver_type``) -> ``type``.
 SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
 HDF5 = 0  # SolverParameter.SnapshotFormat
+#: On a GPU, the device losses are read at least every this many iterations (see step).
+LOSS_DRAIN = 100
 
 
 # ---- building ---------------------------------------------------------------------------
@@ -135,6 +149,16 @@ class Solver:
         self.device = device if device is not None else default_device(param)
         self.dtype = np.dtype(dtype)
         self._dt = self.dtype.type
+        # Mixed precision (caffelite fields): the nets compute in compute_dtype, the solver keeps
+        # master weights and history in self.dtype (see mixed_precision.py).
+        self.compute_dtype = (self.dtype if param.compute_dtype == "float32"
+                              else compute_dtype(param.compute_dtype, self.device))
+        self.mixed = None
+        if self.device.is_gpu:
+            set_tf32(param.allow_tf32)
+        # On a GPU the losses stay on the device and are read in one copy at display time.
+        self.defer_loss = self.device.is_gpu
+        self._pending_losses: list = []
         self.rank, self.world_size = rank, world_size
         #: Show "(x iter/s, ys/N iters)" in the display line, as later Caffe versions do.
         self.display_speed = display_speed
@@ -163,21 +187,28 @@ class Solver:
         seed = param.random_seed if param.random_seed >= 0 else seed_from_clock()
         self.seed = int(seed) + rank
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
-        self.net = self._init_train_net()
-        self.test_nets = self._init_test_nets()
-        for net in self.test_nets:
-            net.share_trained_layers_with(self.net)
-        for weights in param.weights:
-            for net in [self.net, *self.test_nets]:
-                try:
-                    copy_weights(net, weights)
-                except CaffeliteError as exc:
-                    raise locate_error(exc, net.source or self.source, weights) from None
+        try:
+            self.net = self._init_train_net()
+            self.test_nets = self._init_test_nets()
+            if self.compute_dtype != self.dtype:
+                from .mixed_precision import MasterWeights  # noqa: PLC0415
+
+                self.mixed = MasterWeights(self.net, param, self.dtype)
+            for net in self.test_nets:
+                net.share_trained_layers_with(self.net)
+            for weights in param.weights:
+                for net in [self.net, *self.test_nets]:
+                    try:
+                        self._copy_weights(net, weights)
+                    except CaffeliteError as exc:
+                        raise locate_error(exc, net.source or self.source, weights) from None
+        except backend.out_of_memory_types() as exc:
+            raise self.out_of_memory(exc, "building the nets") from None
         self.prefix = resolve_snapshot_prefix(param, self.source, self.net.name)
         self._check_prefix()
         self.history = [Blob(p.shape, p.dtype, p.device, name=f"history{k}_{i}")
                         for k in range(self.history_sets)
-                        for i, p in enumerate(self.net.learnable_params)]
+                        for i, p in enumerate(self.learnable_params)]
         log.info("Solver scaffolding done.")
 
     # ---- checks -------------------------------------------------------------------------
@@ -233,7 +264,7 @@ class Solver:
         return load_net(path)
 
     def _make_net(self, net_param, state, net_key: int, source: str | None) -> Net:
-        return Net(net_param, state, device=self.device, dtype=self.dtype, seed=self.seed,
+        return Net(net_param, state, device=self.device, dtype=self.compute_dtype, seed=self.seed,
                    net_key=net_key, rank=self.rank, world_size=self.world_size, source=source)
 
     def _init_train_net(self) -> Net:
@@ -289,6 +320,8 @@ class Solver:
         self._call("on_solve_start")
         try:
             self._solve()
+        except backend.out_of_memory_types() as exc:  # the final display or test ran out
+            raise self.out_of_memory(exc, f"iteration {self.iter}") from None
         finally:
             self._call("on_solve_end")
 
@@ -311,13 +344,31 @@ class Solver:
 
     def step(self, iters: int):
         """Run ``iters`` iterations; returns the smoothed loss."""
-        p = self.param
         stop_iter = self.iter + iters
         if self._keep_loss_window:  # resumed: continue the window of the interrupted run
             self._keep_loss_window = False
         else:
             self._losses, self.smoothed_loss, self._loss_start = [], self._dt(0), self.iter
         self._timer_start, self._iterations_last = time.perf_counter(), self.iter
+        was_deferring = DEFERRED.active
+        DEFERRED.active = was_deferring or self.defer_loss
+        try:
+            self._steps(stop_iter)
+            self._drain_losses()
+        except backend.out_of_memory_types() as exc:
+            self._pending_losses = []
+            DEFERRED.clear()
+            raise self.out_of_memory(exc, f"training (iteration {self.iter})") from None
+        except BaseException:
+            self._pending_losses = []
+            DEFERRED.clear()
+            raise
+        finally:
+            DEFERRED.active = was_deferring
+        return self.smoothed_loss
+
+    def _steps(self, stop_iter: int) -> None:
+        p = self.param
         while self.iter < stop_iter:
             self.net.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
@@ -327,18 +378,26 @@ class Solver:
                     break
             self._call("on_start")
             display = p.display and self.iter % p.display == 0
-            loss = self._dt(0)
-            for _ in range(p.iter_size):
-                loss += self._dt(self.net.forward_backward())
-                if not math.isfinite(loss):  # one scalar per pass: the only per-iteration cost
-                    raise self.diverged(f"the loss is {loss}")
-            loss /= self._dt(p.iter_size)
-            self.loss = loss
-            self._update_smoothed_loss(loss)
+            if self.mixed is not None:
+                self.mixed.before_forward()
+            if self.defer_loss:
+                self._forward_backward_on_device()
+                if display:
+                    self._drain_losses()
+            else:
+                loss = self._dt(0)
+                for _ in range(p.iter_size):
+                    loss += self._dt(self.net.forward_backward())
+                    if not math.isfinite(loss):  # one scalar per pass: the only per-iteration cost
+                        raise self.diverged(f"the loss is {loss}")
+                loss /= self._dt(p.iter_size)
+                self.loss = loss
+                self._update_smoothed_loss(loss)
             if display:
                 self._display()
             self._call("on_gradients_ready")
-            self.apply_update()
+            if self.mixed is None or self.mixed.after_backward(self.iter):
+                self.apply_update()
             self.iter += 1
             self._call("on_iteration_end")
             snapshot_asked, stop_asked = self.take_requests()
@@ -347,16 +406,48 @@ class Solver:
             if stop_asked:
                 self.requested_early_exit = True
                 break
-        return self.smoothed_loss
 
-    def _update_smoothed_loss(self, loss) -> None:
+    # ---- losses kept on the device (GPU) ------------------------------------------------------
+    def _forward_backward_on_device(self) -> None:
+        """forward/backward x iter_size with the loss left on the device (no host round trip).
+
+        The losses are read in one copy at display time, before a test or a snapshot, every
+        ``LOSS_DRAIN`` iterations and when ``step`` returns; a NaN/Inf loss is reported then.
+        """
+        p = self.param
+        loss = self.net.forward_backward(host_loss=False)
+        for _ in range(p.iter_size - 1):
+            loss = loss + self.net.forward_backward(host_loss=False)
+        if p.iter_size != 1:
+            loss = loss / self._xp.float32(p.iter_size)
+        self._pending_losses.append((self.iter, loss))
+        if len(self._pending_losses) >= LOSS_DRAIN:
+            self._drain_losses()
+
+    def _drain_losses(self) -> None:
+        """Move the pending device losses to the host (one copy), check them, smooth them; raise
+        what a layer's deferred check (labels out of range, ...) found meanwhile."""
+        DEFERRED.raise_first()
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return
+        values = to_numpy(self._xp.stack([loss for _, loss in pending]))
+        for (iteration, _), value in zip(pending, values):
+            loss = self._dt(value)
+            if not math.isfinite(loss):
+                raise self.diverged(f"the loss is {loss}" + (
+                    f" (first seen at iteration {iteration})" if iteration != self.iter else ""))
+            self.loss = loss
+            self._update_smoothed_loss(loss, iteration)
+
+    def _update_smoothed_loss(self, loss, iteration: int | None = None) -> None:
         average = self.param.average_loss
         if len(self._losses) < average:
             self._losses.append(loss)
             n = len(self._losses)
             self.smoothed_loss = self._dt((self.smoothed_loss * (n - 1) + loss) / n)
         else:
-            idx = (self.iter - self._loss_start) % average
+            idx = ((self.iter if iteration is None else iteration) - self._loss_start) % average
             self.smoothed_loss += self._dt((loss - self._losses[idx]) / average)
             self._losses[idx] = loss
 
@@ -402,21 +493,32 @@ class Solver:
         if self.param.display and self.iter % self.param.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, g(self._dt(rate)))
         self.clip_gradients()
-        for param_id in range(len(self.net.learnable_params)):
+        for param_id in range(len(self.learnable_params)):
             self.normalize(param_id)
             self.regularize(param_id)
             self.compute_update(param_id, rate)
-        self.net.update()
+        if self.mixed is None:
+            self.net.update()
+        else:
+            self.mixed.update()
 
     def clip_gradients(self) -> None:
         clip = self.param.clip_gradients
         if clip < 0:
             return
-        params = self.net.learnable_params
-        sumsq = self._dt(0)
-        for blob in params:
-            d = blob.diff.ravel()
-            sumsq += self._dt(float(self._xp.dot(d, d)))
+        params = self.learnable_params
+        xp = self._xp
+        if xp is np:
+            sumsq = self._dt(0)
+            for blob in params:
+                d = blob.diff.ravel()
+                sumsq += self._dt(float(xp.dot(d, d)))
+        else:  # summed on the device: one host read per iteration, not one per parameter
+            total = xp.zeros((), self.dtype)
+            for blob in params:
+                d = blob.diff.ravel()
+                total += xp.dot(d, d)
+            sumsq = self._dt(float(total))
         l2norm = np.sqrt(sumsq)
         if not math.isfinite(l2norm):
             raise self.diverged(f"the gradient's L2 norm is {l2norm}")
@@ -431,15 +533,29 @@ class Solver:
     def normalize(self, param_id: int) -> None:
         """Average the gradient accumulated over iter_size forward/backward passes."""
         if self.param.iter_size != 1:
-            diff = self.net.learnable_params[param_id].diff
+            diff = self.learnable_params[param_id].diff
             diff *= self._dt(1) / self._dt(self.param.iter_size)
+
+    #: The solver type's GPU kernel adds the L2 decay itself (``fused_l2_decay``).
+    fuses_l2_decay = False
+
+    def local_decay(self, param_id: int):
+        """weight_decay * decay_mult, in the parameters' precision."""
+        return self._dt(self.param.weight_decay) * self._dt(self.net.params_weight_decay[param_id])
+
+    def fused_l2_decay(self, param_id: int):
+        """The L2 decay a fused GPU update kernel adds (g + decay * W) for this parameter: 0 when
+        ``regularize`` did it (CPU, L1, a type without such a kernel)."""
+        if self.fuses_l2_decay and self._xp is not np and self.param.regularization_type == "L2":
+            return self.local_decay(param_id)
+        return self._dt(0)
 
     def regularize(self, param_id: int) -> None:
         """diff += decay * W (L2) or decay * sign(W) (L1), decay = weight_decay * decay_mult."""
-        decay = self._dt(self.param.weight_decay) * self._dt(self.net.params_weight_decay[param_id])
-        if not decay:
+        decay = self.local_decay(param_id)
+        if not decay or self.fused_l2_decay(param_id):
             return
-        blob = self.net.learnable_params[param_id]
+        blob = self.learnable_params[param_id]
         tmp = self.scratch(param_id)
         if self.param.regularization_type == "L2":
             self._xp.multiply(blob.data, decay, out=tmp)
@@ -458,25 +574,47 @@ class Solver:
     def _xp(self):
         return self.device.xp
 
+    @property
+    def learnable_params(self) -> list[Blob]:
+        """The parameters the update works on: the train net's, or with mixed precision their
+        float32 master copies (``compute_update`` reads and writes these, never the net's)."""
+        return self.net.learnable_params if self.mixed is None else self.mixed.params
+
+    def sync_net_params(self) -> None:
+        """After the update parameters were written from outside (a broadcast from rank 0):
+        give the compute-dtype net the master weights. Nothing to do without mixed precision."""
+        if self.mixed is not None:
+            self.mixed.push(everything=True)
+
+    def _copy_weights(self, net: Net, path: str) -> None:
+        """copy_weights, into the float32 master copies when ``net`` is the mixed-precision train net."""
+        if self.mixed is not None and net is self.net:
+            with self.mixed.in_net():
+                copy_weights(net, path)
+            self.mixed.push(everything=True)
+        else:
+            copy_weights(net, path)
+
     def local_rate(self, param_id: int, rate: float):
         """rate * lr_mult, in the parameters' precision (as Caffe computes it in Dtype)."""
         return self._dt(rate) * self._dt(self.net.params_lr[param_id])
 
     def history_data(self, param_id: int, which: int = 0):
         """History set ``which`` of a parameter; Caffe's order: all of set 0, then all of set 1."""
-        return self.history[which * len(self.net.learnable_params) + param_id].data
+        return self.history[which * len(self.learnable_params) + param_id].data
 
     def scratch(self, param_id: int, k: int = 0):
         """A reusable work array shaped like the parameter (Caffe's update_ / temp_ blobs)."""
         key = (param_id, k)
         array = self._scratch.get(key)
-        data = self.net.learnable_params[param_id].data
+        data = self.learnable_params[param_id].data
         if array is None or array.shape != data.shape:
             array = self._scratch[key] = self._xp.empty_like(data)
         return array
 
     # ---- testing ------------------------------------------------------------------------------------
     def test_all(self) -> None:
+        self._drain_losses()
         self.test_results = []
         for test_net_id in range(len(self.test_nets)):
             if self.requested_early_exit:
@@ -489,7 +627,8 @@ class Solver:
         net = self.test_nets[test_net_id]
         net.share_trained_layers_with(self.net)
         n_iter = self.param.test_iter[test_net_id]
-        scores, loss = None, self._dt(0)
+        # On a GPU (defer_loss) the loss sum is a device array, made by the first batch.
+        scores, loss = None, (None if self.defer_loss else self._dt(0))
         for _ in range(n_iter):
             snapshot_asked, stop_asked = self.take_requests()
             while snapshot_asked or stop_asked:
@@ -500,10 +639,17 @@ class Solver:
                 snapshot_asked, stop_asked = self.take_requests()
             if self.requested_early_exit:
                 break
-            iter_loss = net.forward()
+            if self.defer_loss:  # GPU: sums stay on the device, read once after the last batch
+                iter_loss = net.forward(host_loss=False)
+                values = [b.data.ravel() for b in net.output_blobs]
+            else:
+                iter_loss = net.forward()
+                values = [b.cpu_data().ravel() for b in net.output_blobs]
             if self.param.test_compute_loss:
-                loss += self._dt(iter_loss)
-            values = [b.cpu_data().ravel() for b in net.output_blobs]
+                if self.defer_loss:
+                    loss = iter_loss.astype(self.dtype) if loss is None else loss + iter_loss
+                else:
+                    loss += self._dt(iter_loss)
             if scores is None:
                 scores = [v.astype(self.dtype, copy=True) for v in values]
             else:
@@ -512,6 +658,9 @@ class Solver:
         if self.requested_early_exit:
             log.info("Test interrupted.")
             return None
+        if self.defer_loss:
+            scores = [to_numpy(s) for s in scores] if scores is not None else None
+            loss = self._dt(0) if loss is None else self._dt(to_numpy(loss))
         if self.param.test_compute_loss:
             loss /= self._dt(n_iter)
             log.info("Test loss: %s", g(loss))
@@ -554,6 +703,7 @@ class Solver:
         disk is always a good one; a second Ctrl-C waits until the whole set is written."""
         from ..diagnose import nonfinite_params  # noqa: PLC0415
 
+        self._drain_losses()  # a NaN loss not yet read stops here, before anything is written
         if nonfinite_params(self.net) is not None:
             raise self.diverged("the weights are not finite", when="before the snapshot of")
         with critical():
@@ -570,7 +720,12 @@ class Solver:
         kind = "HDF5 file" if h5 else "binary proto file"
         model_path = self.snapshot_filename(".caffemodel.h5" if h5 else ".caffemodel")
         log.info("Snapshotting to %s %s", kind, model_path)
-        save_weights(self.net, model_path, write_diff=self.param.snapshot_diff)
+        if self.mixed is None:
+            save_weights(self.net, model_path, write_diff=self.param.snapshot_diff)
+        else:  # the float32 master weights: full precision, a Caffe-compatible caffemodel
+            self.mixed.pull(only_frozen=True)
+            with self.mixed.in_net():
+                save_weights(self.net, model_path, write_diff=self.param.snapshot_diff)
         state_path = self.snapshot_filename(".solverstate.h5" if h5 else ".solverstate")
         log.info("Snapshotting solver state to %s %s", kind, state_path)
         write_extra(state_path, self.extra_state())  # first: a state file never lacks its sidecar
@@ -580,6 +735,27 @@ class Solver:
         self._last_snapshot_iter = self.iter
         self.last_snapshot = (model_path, state_path)
         return model_path, state_path
+
+    def out_of_memory(self, exc: BaseException, when: str) -> TrainingError:
+        """The TrainingError for an out-of-GPU-memory exception (see caffelite/oom.py)."""
+        from ..oom import batch_size_of, out_of_memory_error  # noqa: PLC0415
+
+        net = getattr(self, "net", None)
+        if net is not None:
+            name, source, batch = net.name, net.source or self.source, batch_size_of(net)
+        else:  # the train net itself did not fit: read what it would have been from its file
+            name, source, batch = "?", self.source, None
+            try:
+                p = self.param
+                param = (p.train_net_param if p.HasField("train_net_param") else
+                         p.net_param if p.HasField("net_param") else
+                         self._read_net(p.train_net or p.net))
+                name, batch = param.name, batch_size_of(param)
+                source = p.train_net or p.net or self.source
+            except Exception:  # the message must not fail
+                pass
+        return out_of_memory_error(exc, net_name=name, source=source, batch_size=batch,
+                                   iter_size=self.param.iter_size, when=when, device=self.device)
 
     def diverged(self, what: str, when: str = "at") -> TrainingError:
         """The TrainingError for a NaN/Inf, after a diagnostic pass over the current batch."""
@@ -612,7 +788,7 @@ class Solver:
 
     def extra_state(self) -> dict:
         """What an exact resume needs beyond Caffe's SolverState (JSON-safe)."""
-        return {
+        extra = {
             "iter": self.iter,
             "type": self.type,
             "seed": self.seed,
@@ -621,6 +797,9 @@ class Solver:
             "loss_window": {"losses": [float(x) for x in self._losses],
                             "smoothed": float(self.smoothed_loss), "start_iter": self._loss_start},
         }
+        if self.mixed is not None:
+            extra["mixed_precision"] = self.mixed.state_dict()
+        return extra
 
     def restore(self, state_file: str) -> None:
         """Resume from a .solverstate / .solverstate.h5: weights, history, iter, current_step
@@ -631,7 +810,7 @@ class Solver:
         if state.learned_net:
             weights = _find_learned_net(state.learned_net, state_file)
             try:
-                copy_weights(self.net, weights)
+                self._copy_weights(self.net, weights)
             except CaffeliteError as exc:
                 raise locate_error(exc, self.net.source or self.source, weights) from None
         if len(state.history) != len(self.history):
@@ -659,6 +838,8 @@ class Solver:
         self.net.load_state_dict(extra.get("train_net", {}))
         for net, net_state in zip(self.test_nets, extra.get("test_nets", [])):
             net.load_state_dict(net_state)
+        if self.mixed is not None and "mixed_precision" in extra:
+            self.mixed.load_state_dict(extra["mixed_precision"])
         window = extra.get("loss_window")
         if window:
             self._losses = [self._dt(x) for x in window["losses"]]

@@ -53,12 +53,12 @@ def ref_eltwise(op, xs, coeff=None, dy=None):
     ("MAX", 2, None, True),
     ("MAX", 4, None, True),
 ])
-def test_eltwise_forward_backward(rs, op, n, coeff, stable):
+def test_eltwise_forward_backward(rs, op, n, coeff, stable, device):
     xs = inputs(rs, n)
     param = {"operation": op, "stable_prod_grad": stable}
     if coeff:
         param["coeff"] = coeff
-    layer, bottom, top, (y,) = run("Eltwise", xs, eltwise_param=param)
+    layer, bottom, top, (y,) = run("Eltwise", xs, eltwise_param=param, device=device)
     dy = rs.standard_normal(SHAPE)
     ref_y, ref_grads = ref_eltwise(op, xs, coeff, dy)
     np.testing.assert_allclose(y, ref_y, rtol=1e-12)

@@ -54,9 +54,9 @@ def rs():
 
 # ---- Softmax ------------------------------------------------------------------
 @pytest.mark.parametrize("axis", [1, 2, -1])
-def test_softmax_forward(rs, axis):
+def test_softmax_forward(rs, axis, device):
     x = rs.standard_normal((2, 3, 4, 5)) * 3
-    _, _, _, (y,) = run("Softmax", [x], softmax_param={"axis": axis})
+    _, _, _, (y,) = run("Softmax", [x], softmax_param={"axis": axis}, device=device)
     np.testing.assert_allclose(y, ref_softmax(x, axis), rtol=1e-12, atol=1e-15)
 
 
@@ -107,6 +107,7 @@ def spatial_case(rs, C=4):
 
 
 def run_loss(scores, labels, num_top=1, weight=1.0, **fields):
+    """SoftmaxWithLoss forward and backward (``device=`` among ``fields`` runs it there)."""
     layer, bottom, top, outs = run("SoftmaxWithLoss", [scores, labels], num_top=num_top, **fields)
     top[0].set_diff(weight)  # as the Net does before backward
     layer.backward(top, [True, False], bottom)
@@ -115,13 +116,13 @@ def run_loss(scores, labels, num_top=1, weight=1.0, **fields):
 
 @pytest.mark.parametrize("mode", ["FULL", "VALID", "BATCH_SIZE", "NONE"])
 @pytest.mark.parametrize("ignore", [None, 2])
-def test_softmax_loss_modes(rs, mode, ignore):
+def test_softmax_loss_modes(rs, mode, ignore, device):
     scores, labels = spatial_case(rs)
     labels.reshape(-1)[:3] = 2  # make sure some positions are ignored
     loss_param = {"normalization": mode}
     if ignore is not None:
         loss_param["ignore_label"] = ignore
-    _, _, _, (loss,), grad = run_loss(scores, labels, loss_param=loss_param)
+    _, _, _, (loss,), grad = run_loss(scores, labels, loss_param=loss_param, device=device)
     ref_loss, ref_grad, _ = ref_softmax_loss(scores, labels, ignore=ignore, mode=mode)
     assert loss.shape == ()
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)

@@ -71,9 +71,9 @@ def ref_concat(arrays, axis):
     (0, [(1, 3, 2), (3, 3, 2)]),
     (-1, [(2, 2, 1), (2, 2, 3)]),
 ])
-def test_concat_forward_backward(rs, axis, shapes):
+def test_concat_forward_backward(rs, axis, shapes, device):
     arrays = [rs.standard_normal(s) for s in shapes]
-    layer, bottom, top, (y,) = run("Concat", arrays, concat_param={"axis": axis})
+    layer, bottom, top, (y,) = run("Concat", arrays, concat_param={"axis": axis}, device=device)
     np.testing.assert_array_equal(y, ref_concat(arrays, axis))
     dy = rs.standard_normal(y.shape)
     top[0].set_diff(dy)
