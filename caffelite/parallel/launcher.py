@@ -169,9 +169,9 @@ def _train_single(param, source, gpu_ids, resume_file, dtype, body) -> int:
 def spawn_gpus(param, gpu_ids: list[int], *, source, resume_file=None, timeout=None, debug=False,
                **options) -> int:
     """Train with one spawned process per device in ``gpu_ids``; stop all when one fails."""
-    from ..solvers.base import upgrade_solver_type  # noqa: PLC0415
+    from ..upgrade import upgrade_solver  # noqa: PLC0415
 
-    param = upgrade_solver_type(param)
+    param = upgrade_solver(param)
     if param.random_seed < 0:  # one seed for every rank, decided here
         param.random_seed = seed_from_clock()
     mp = multiprocessing.get_context("spawn")

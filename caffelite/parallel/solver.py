@@ -22,7 +22,7 @@ from ..backend import seed_from_clock
 from ..errors import DataError
 from ..proto import pb
 from ..registry import SOLVERS
-from ..solvers.base import upgrade_solver_type
+from ..upgrade import upgrade_solver
 from .sync import GradientSync
 from .world import quiet_other_ranks
 
@@ -85,7 +85,7 @@ def make_parallel_solver(param, *, source: str | None, context, dtype=np.float32
     ``context`` is a ``ParallelContext`` (see ``parallel.mpi_context`` / the GPU launcher).
     """
     quiet_other_ranks(context.rank)
-    param = agree_on_seed(upgrade_solver_type(param), context.ctrl)
+    param = agree_on_seed(upgrade_solver(param), context.ctrl)
     cls = parallel_solver_class(SOLVERS.get(param.type))
     solver = cls(param, source=source, device=context.device, dtype=dtype, rank=context.rank,
                  world_size=context.size)

@@ -72,38 +72,22 @@ from ..log import g
 from ..net import Net, make_state
 from ..proto import pb
 from ..registry import SOLVERS
+from ..upgrade import upgrade_solver
 from .lr_policy import get_lr_policy
 
 log = logging.getLogger(__name__)
 
 # SolverParameter.SolverType (legacy ``solver_type``) -> ``type``.
-SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
 HDF5 = 0  # SolverParameter.SnapshotFormat
 #: On a GPU, the device losses are read at least every this many iterations (see step).
 LOSS_DRAIN = 100
 
 
 # ---- building ---------------------------------------------------------------------------
-def upgrade_solver_type(param) -> "pb.SolverParameter":
-    """A copy of ``param`` with the legacy ``solver_type`` enum moved to ``type``."""
-    out = pb.SolverParameter()
-    out.CopyFrom(param)
-    if out.HasField("solver_type"):
-        name = SOLVER_TYPE_NAMES.get(out.solver_type)
-        if name is None:
-            raise ConfigError(f"unknown solver_type {out.solver_type}", hint="use type: SGD, Adam, ...")
-        if out.HasField("type") and out.type != name:
-            raise ConfigError(f"solver_type {name} and type '{out.type}' disagree",
-                              hint="solver_type is deprecated: keep only 'type'")
-        out.type = name
-        out.ClearField("solver_type")
-    return out
-
-
 def create_solver(param, *, source: str | None = None, device: Device | None = None,
                   dtype=np.float32, **kwargs) -> "Solver":
     """The solver of the type ``param.type`` names (``solver_type`` accepted), built from ``param``."""
-    param = upgrade_solver_type(param)
+    param = upgrade_solver(param, source)
     if param.type not in SOLVERS:
         matches = [n for n in SOLVERS.names() if n.lower() == param.type.lower()]
         if matches:
@@ -143,7 +127,10 @@ class Solver:
 
     def __init__(self, param, *, source: str | None = None, device: Device | None = None,
                  dtype=np.float32, rank: int = 0, world_size: int = 1, display_speed: bool = True):
-        self.param = param = upgrade_solver_type(param)
+        # A copy: the solver fills in fields (prefix, seed) without touching the caller's message.
+        self.param = pb.SolverParameter()
+        self.param.CopyFrom(upgrade_solver(param, source))
+        param = self.param
         self.source = os.fspath(source) if source is not None else None
         self.type = param.type
         self.device = device if device is not None else default_device(param)
@@ -887,4 +874,4 @@ def _find_learned_net(learned: str, state_file: str) -> str:
                     file=state_file, hint="keep the .caffemodel next to its .solverstate")
 
 
-__all__ = ["Solver", "create_solver", "locate_error", "upgrade_solver_type", "resolve_snapshot_prefix", "default_device"]
+__all__ = ["Solver", "create_solver", "locate_error", "resolve_snapshot_prefix", "default_device"]
