@@ -297,13 +297,7 @@ class DeconvolutionLayer(_ConvolutionBase):
     deconvolution = True
 
     def forward(self, bottom, top):
-        xp, cols = self.xp, self.columns
-        if self.dft is not None:
-            for b, t in zip(bottom, top):
-                self.dft.forward(b.data, self.blobs[0].data, self._bias(), t.data)
-            # With several bottoms the kept input spectrum is the last one's.
-            self.dft.x_ready = len(bottom) == 1
-            return
+        xp, cols = self.xp, self.columns  # (no DFT engine: _dft_engine declines deconvolutions)
         w = self._weight()
         for b, t in zip(bottom, top):
             x = self._images(b, self.channels, self.in_spatial)
