@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io.binaryproto import read_mean
+from ..proto import pb
 from .datum import check_color_flags
 
 TRAIN = 0
@@ -188,3 +189,18 @@ def check_item_shape(shape: tuple, expected: tuple, what: str) -> None:
                         f"{'x'.join(map(str, expected))}",
                         hint="every item of a batch needs the same size; resize the images "
                              "(convert_imageset --resize_height/--resize_width) or use batch_size 1")
+
+
+LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
+
+
+def merged_transform_param(layer_param, legacy: str, fields=LEGACY_TRANSFORM_FIELDS):
+    """``transform_param``, plus the deprecated copies of its fields that old nets set in
+    ``layer_param.<legacy>`` (data_param, image_data_param, ...) where it lacks them."""
+    tp = pb.TransformationParameter()
+    tp.CopyFrom(layer_param.transform_param)
+    old = getattr(layer_param, legacy)
+    for field in fields:
+        if old.HasField(field) and not tp.HasField(field):
+            setattr(tp, field, getattr(old, field))
+    return tp

@@ -31,7 +31,7 @@ from ..data.datum import datum_shape, datum_to_array, decode_image, parse_datum,
 from ..data.hdf5_source import HDF5Source
 from ..data.lmdb_source import LMDBReader
 from ..data.prefetch import Prefetcher, default_workers
-from ..data.transform import DataTransformer, check_item_shape
+from ..data.transform import DataTransformer, check_item_shape, merged_transform_param
 from ..errors import CaffeliteError
 from ..fillers import fill
 from ..proto import pb
@@ -180,17 +180,6 @@ def decode_rgb_planes(data: bytes, out: np.ndarray | None = None,
         return None
 
 
-def _transform_param(layer_param):
-    """transform_param, plus the deprecated data_param copies of its fields when it lacks them."""
-    tp = pb.TransformationParameter()
-    tp.CopyFrom(layer_param.transform_param)
-    dp = layer_param.data_param
-    for field in ("scale", "mean_file", "crop_size", "mirror"):
-        if dp.HasField(field) and not tp.HasField(field):
-            setattr(tp, field, getattr(dp, field))
-    return tp
-
-
 @register_layer("Data")
 class LMDBDataLayer(PrefetchingDataLayer):
     """Datum records from an LMDB, decoded and transformed by a pool of workers.
@@ -209,8 +198,8 @@ class LMDBDataLayer(PrefetchingDataLayer):
             raise self.error("data_param.source is not set", hint="give the LMDB folder")
         self.batch_size = self._check_batch_size(p.batch_size, "data_param.batch_size")
         self._check_backend(p)
-        self.transformer = DataTransformer(_transform_param(self.layer_param), self.phase,
-                                           self.dtype, layer=self.name)
+        self.transformer = DataTransformer(merged_transform_param(self.layer_param, "data_param"),
+                                           self.phase, self.dtype, layer=self.name)
         self.force_color = self.transformer.force_color or p.force_encoded_color
         self.force_gray = self.transformer.force_gray
         if self.force_color and self.force_gray:

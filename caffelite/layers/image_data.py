@@ -26,9 +26,8 @@ import numpy as np
 
 from ..data.datum import decode_image
 from ..data.resize import resize_chw as resize_linear
-from ..data.transform import DataTransformer, check_item_shape
+from ..data.transform import DataTransformer, check_item_shape, merged_transform_param
 from ..errors import DataError
-from ..proto import pb
 from ..registry import register_layer
 from .data_layers import PrefetchingDataLayer, decode_planar
 
@@ -63,17 +62,6 @@ def read_image_list(source: str) -> list[tuple[str, int, int]]:
     return lines
 
 
-def _transform_param(layer_param):
-    """transform_param, plus image_data_param's deprecated copies of its fields."""
-    tp = pb.TransformationParameter()
-    tp.CopyFrom(layer_param.transform_param)
-    ip = layer_param.image_data_param
-    for field in ("scale", "mean_file", "crop_size", "mirror"):
-        if ip.HasField(field) and not tp.HasField(field):
-            setattr(tp, field, getattr(ip, field))
-    return tp
-
-
 @register_layer("ImageData")
 class ImageDataLayer(PrefetchingDataLayer):
     """Images and labels from a list file; see the module docstring."""
@@ -91,8 +79,8 @@ class ImageDataLayer(PrefetchingDataLayer):
         if (self.new_size[0] > 0) != (self.new_size[1] > 0):
             raise self.error("new_height and new_width must be set together",
                              hint="give both (resize) or neither (keep the image size)")
-        self.transformer = DataTransformer(_transform_param(self.layer_param), self.phase,
-                                           self.dtype, layer=self.name)
+        self.transformer = DataTransformer(merged_transform_param(self.layer_param, "image_data_param"),
+                                           self.phase, self.dtype, layer=self.name)
         self.is_color = bool(p.is_color)
         self.source = p.source
         self.lines = read_image_list(p.source)

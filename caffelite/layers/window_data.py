@@ -34,9 +34,8 @@ import os
 import numpy as np
 
 from ..data.resize import resize_chw as resize_linear
-from ..data.transform import DataTransformer
+from ..data.transform import DataTransformer, merged_transform_param
 from ..errors import DataError
-from ..proto import pb
 from ..registry import register_layer
 from .data_layers import PrefetchingDataLayer, decode_planar
 
@@ -112,16 +111,6 @@ def read_window_file(source: str, root: str, fg_threshold: float, bg_threshold: 
     return images, as_array(fg), as_array(bg), fg_lines, bg_lines
 
 
-def _transform_param(layer_param):
-    tp = pb.TransformationParameter()
-    tp.CopyFrom(layer_param.transform_param)
-    wp = layer_param.window_data_param
-    for field in ("mean_file", "crop_size", "mirror"):
-        if wp.HasField(field) and not tp.HasField(field):
-            setattr(tp, field, getattr(wp, field))
-    return tp
-
-
 @register_layer("WindowData")
 class WindowDataLayer(PrefetchingDataLayer):
     """Tops: data (batch_size, 3, crop_size, crop_size), label (batch_size,)."""
@@ -136,7 +125,8 @@ class WindowDataLayer(PrefetchingDataLayer):
         self.batch_size = self._check_batch_size(p.batch_size, "window_data_param.batch_size")
         if p.crop_mode not in ("warp", "square"):
             raise self.error(f"unknown crop_mode '{p.crop_mode}'", hint="use warp or square")
-        tp = _transform_param(self.layer_param)
+        # WindowData keeps its own scale field; the other three move as in Caffe's upgrade.
+        tp = merged_transform_param(self.layer_param, "window_data_param", ("mean_file", "crop_size", "mirror"))
         self.transformer = t = DataTransformer(tp, self.phase, self.dtype, layer=self.name)
         self.crop = t.crop_size
         if self.crop <= 0:
