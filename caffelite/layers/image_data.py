@@ -29,7 +29,7 @@ from ..data.resize import resize_chw as resize_linear
 from ..data.transform import DataTransformer, check_item_shape, merged_transform_param
 from ..errors import DataError
 from ..registry import register_layer
-from .data_layers import PrefetchingDataLayer, decode_planar
+from .prefetching_layer import PrefetchingDataLayer, decode_planar
 
 LIST_HINT = "each line of an ImageData list is 'path label', e.g. 'cats/001.jpg 3'"
 PREFETCH = 4  # Caffe's default prefetch count (DataParameter.prefetch)

@@ -37,7 +37,7 @@ from ..data.resize import resize_chw as resize_linear
 from ..data.transform import DataTransformer, merged_transform_param
 from ..errors import DataError
 from ..registry import register_layer
-from .data_layers import PrefetchingDataLayer, decode_planar
+from .prefetching_layer import PrefetchingDataLayer, decode_planar
 
 FILE_HINT = ("a window file repeats '# index', the image path, channels, height, width, the "
              "window count, then one 'class overlap x1 y1 x2 y2' line per window")
