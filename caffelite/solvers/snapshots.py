@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..errors import CaffeliteError
+from ..errors import CaffeliteError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ def check_complete(entry: SnapshotSet) -> str | None:
     """None when every file of the set is present and parses; else what is wrong."""
     from ..io.solverstate import read_extra, read_solverstate  # noqa: PLC0415
     from ..io.weights import load_weights  # noqa: PLC0415
-    from .base import _find_learned_net  # noqa: PLC0415
 
     if entry.state is None:
         return "no solver state"
@@ -121,6 +120,20 @@ def prune_snapshots(prefix: str, keep: int, current_iter: int) -> list[str]:
     if removed:
         log.info("snapshot_keep %d: deleted %d old snapshot file(s)", keep, len(removed))
     return removed
+
+
+def _find_learned_net(learned: str, state_file: str) -> str:
+    """The weights a solver state names: as written, else beside the solver state."""
+    folder = os.path.dirname(state_file)
+    candidates = [learned]
+    if not os.path.isabs(learned):
+        candidates.append(os.path.join(folder, learned))
+    candidates.append(os.path.join(folder, os.path.basename(learned)))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"the weights snapshot '{learned}' named by the solver state was not found",
+                    file=state_file, hint="keep the .caffemodel next to its .solverstate")
 
 
 __all__ = ["SnapshotSet", "list_snapshots", "check_complete", "latest_snapshot", "prune_snapshots"]
