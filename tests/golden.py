@@ -2,7 +2,7 @@
 import lmdb
 import numpy as np
 
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
 

@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from caffelite.io.atomic import is_temp_file
 from caffelite.io.solverstate import read_extra, read_solverstate
 from caffelite.io.weights import load_weights
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from caffelite.solvers.base import create_solver
 

@@ -8,7 +8,8 @@ import pytest
 from caffelite import config
 from caffelite.io.weights import load_weights
 from caffelite.layers.base import TEST, TRAIN
-from caffelite.net import Net, blob_proto_to_array
+from caffelite.net import Net
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
 

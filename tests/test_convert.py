@@ -12,7 +12,8 @@ from caffelite import config
 from caffelite.cli import main
 from caffelite.errors import ConfigError
 from caffelite.io.weights import copy_weights, load_weights, save_weights
-from caffelite.net import Net, blob_proto_to_array
+from caffelite.net import Net
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from caffelite.tools.convert import NET_DATASET, convert, read_text
 from caffelite.yaml_writer import format_float, format_string, message_to_yaml

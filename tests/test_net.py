@@ -5,7 +5,8 @@ import pytest
 from caffelite import config
 from caffelite.errors import ConfigError
 from caffelite.layers.base import TEST, TRAIN
-from caffelite.net import Net, filter_net, insert_splits, make_state, state_meets_rule
+from caffelite.net import Net
+from caffelite.net_state import filter_net, insert_splits, make_state, state_meets_rule
 from caffelite.proto import pb
 
 

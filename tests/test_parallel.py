@@ -23,7 +23,7 @@ from caffelite import config
 from caffelite.backend import CPU
 from caffelite.errors import ConfigError
 from caffelite.io.weights import load_weights
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.parallel import (LocalControl, ParallelContext, env_rank, make_parallel_solver, mpi_world_size,
                                 parallel_requested, parse_gpu_spec)
 from caffelite.solvers.base import create_solver

@@ -14,7 +14,7 @@ import pytest
 
 from caffelite.cli import main
 from caffelite.io.weights import load_weights
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.solvers.snapshots import check_complete, latest_snapshot, list_snapshots
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..net import array_to_blob_proto, blob_proto_to_array
+from .blob_proto import array_to_blob_proto, blob_proto_to_array
 from ..proto import pb
 from .atomic import atomic_path, write_bytes, write_text
 from .weights import is_hdf5

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..net import array_to_blob_proto
+from .blob_proto import array_to_blob_proto
 from ..proto import pb
 from .atomic import atomic_path, write_bytes
 

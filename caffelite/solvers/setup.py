@@ -15,7 +15,8 @@ from pathlib import Path
 from ..backend import CPU, Device, gpu_available
 from ..errors import ConfigError
 from ..layers.base import TEST, TRAIN
-from ..net import Net, make_state
+from ..net import Net
+from ..net_state import make_state
 from ..proto import pb
 
 log = logging.getLogger(__name__)

@@ -197,7 +197,7 @@ def _write_h5(param, path: str) -> None:
     import numpy as np  # noqa: PLC0415
 
     from ..io.atomic import atomic_path  # noqa: PLC0415
-    from ..net import blob_proto_to_array  # noqa: PLC0415
+    from ..io.blob_proto import blob_proto_to_array  # noqa: PLC0415
     from ..proto import pb  # noqa: PLC0415
 
     shared = _owners(param.layer)
@@ -262,7 +262,7 @@ def _read_h5(path: str, model):
 
 def _fill_layers(param, data, diffs, path: str):
     """Attach the HDF5 arrays to ``param``'s layers by name; shared blobs from their owners."""
-    from ..net import array_to_blob_proto  # noqa: PLC0415
+    from ..io.blob_proto import array_to_blob_proto  # noqa: PLC0415
 
     shared = _owners(param.layer)
     arrays: dict[tuple[int, int], object] = {}

@@ -56,7 +56,7 @@ class Graph:
     """Nodes (layers and blobs) with ranks, and edges, built from a NetParameter."""
 
     def __init__(self, param, phase: str = "ALL"):
-        from ..net import filter_net, make_state  # noqa: PLC0415
+        from ..net_state import filter_net, make_state  # noqa: PLC0415
         from ..upgrade import upgrade_net  # noqa: PLC0415
 
         param = upgrade_net(param, None)

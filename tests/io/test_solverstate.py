@@ -8,7 +8,7 @@ from caffelite.errors import ConfigError, DataError
 from caffelite.io.solverstate import (SolverStateData, extra_path, read_extra, read_solverstate,
                                       write_extra, write_solverstate)
 from caffelite.io.weights import load_weights
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 
 NET = FIXTURES / "net"
 

@@ -10,7 +10,8 @@ from conftest import FIXTURES
 from caffelite.errors import ConfigError, DataError
 from caffelite.io import atomic
 from caffelite.io.weights import copy_weights, load_weights, read_h5_params, save_weights
-from caffelite.net import Net, blob_proto_to_array
+from caffelite.net import Net
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 
 NET = """

@@ -6,7 +6,8 @@ from caffelite import config
 from caffelite.blob import Blob
 from caffelite.errors import ConfigError
 from caffelite.layers.base import TEST, TRAIN
-from caffelite.net import Net, blob_proto_to_array
+from caffelite.net import Net
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob

@@ -6,7 +6,7 @@ import pytest
 
 from caffelite.errors import ConfigError
 from caffelite.layers import im2col
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob

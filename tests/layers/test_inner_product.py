@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob

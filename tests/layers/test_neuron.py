@@ -5,7 +5,7 @@ import pytest
 from caffelite.blob import Blob
 from caffelite.errors import ConfigError
 from caffelite.layers.base import TEST, TRAIN
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob

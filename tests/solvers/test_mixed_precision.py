@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from caffelite.errors import ConfigError, TrainingError
 from caffelite.io.weights import load_weights, save_weights
 from caffelite.layers.base import DataLayer
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from caffelite.registry import LAYERS, register_layer
 from caffelite.solvers.base import create_solver

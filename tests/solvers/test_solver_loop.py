@@ -15,7 +15,7 @@ from caffelite.io.solverstate import extra_path, read_solverstate
 from caffelite.io.weights import load_weights
 from caffelite.layers.base import DataLayer
 from caffelite.log import setup_logging
-from caffelite.net import blob_proto_to_array
+from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from caffelite.registry import LAYERS, register_layer
 from caffelite.solvers.base import create_solver, resolve_snapshot_prefix
