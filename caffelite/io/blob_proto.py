@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..proto import pb
 
 
@@ -24,7 +24,8 @@ def shape_matches(proto, shape: tuple) -> bool:
     return len(shape) <= 4 and (1,) * (4 - len(shape)) + tuple(shape) == blob_proto_shape(proto)
 
 
-def blob_proto_to_array(proto, diff: bool = False) -> np.ndarray:
+def blob_proto_to_array(proto, diff: bool = False, where: str = "BlobProto") -> np.ndarray:
+    """The blob's data (or diff) in its shape: float32, or float64 when stored as double_*."""
     shape = blob_proto_shape(proto)
     if diff:
         values = proto.double_diff if len(proto.double_diff) else proto.diff
@@ -34,13 +35,23 @@ def blob_proto_to_array(proto, diff: bool = False) -> np.ndarray:
     array = np.asarray(values, dtype=dtype)
     count = int(np.prod(shape))
     if array.size != count:
-        raise DataError(f"a blob of shape {shape} holds {array.size} values instead of {count}")
+        raise DataError(f"{where}: shape {shape} needs {count} values, the file holds {array.size}",
+                        hint="the file is truncated or not a Caffe blob")
     return array.reshape(shape)
 
 
-def array_to_blob_proto(array: np.ndarray, proto=None, diff: np.ndarray | None = None):
+def array_to_blob_proto(array: np.ndarray, proto=None, diff: np.ndarray | None = None,
+                        legacy: bool = False):
+    """A BlobProto of ``array`` (and ``diff``); ``legacy`` writes num/channels/height/width
+    (1- to 4-d arrays, as Caffe's mean files) instead of ``shape``."""
+    array = np.asarray(array)
     proto = proto if proto is not None else pb.BlobProto()
-    proto.shape.dim.extend(array.shape)
+    if legacy:
+        if array.ndim > 4:
+            raise ConfigError(f"a {array.ndim}-d array cannot use the legacy 4-d BlobProto shape")
+        proto.num, proto.channels, proto.height, proto.width = (1,) * (4 - array.ndim) + array.shape
+    else:
+        proto.shape.dim.extend(array.shape)
     if array.dtype == np.float64:
         proto.double_data.extend(array.ravel().tolist())
         if diff is not None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError, DataError
-from caffelite.io.binaryproto import array_to_blob_proto
+from caffelite.io.blob_proto import array_to_blob_proto
 from layer_testing import check_gradient, make_layer, run, setup
 
 
@@ -125,7 +125,7 @@ def test_infogain_identity_is_softmax_loss(rs):
 def test_infogain_from_source_file(rs, tmp_path):
     H = rs.uniform(0, 2, (3, 3)).astype(np.float32)
     path = tmp_path / "H.binaryproto"
-    path.write_bytes(array_to_blob_proto(H.reshape(1, 1, 3, 3)).SerializeToString())
+    path.write_bytes(array_to_blob_proto(H.reshape(1, 1, 3, 3), legacy=True).SerializeToString())
     x, label = rs.standard_normal((4, 3)), np.array([1, 0, 2, 1.0])
     layer, bottom, top, (loss,) = run("InfogainLoss", [x, label],
                                       infogain_loss_param={"source": str(path)})
