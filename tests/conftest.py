@@ -52,3 +52,18 @@ def device(request):
             pytest.skip("no GPU: CuPy is not installed or no CUDA device is visible")
         return Device.gpu(0)
     return CPU
+
+
+@pytest.fixture
+def logs():
+    """The messages caffelite logs at INFO and above during the test, as plain strings."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("caffelite")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

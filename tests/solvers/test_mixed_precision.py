@@ -1,6 +1,5 @@
 """Mixed precision on the CPU: float16 nets, float32 master weights, dynamic loss scaling,
 float32 snapshots, exact resume; bfloat16 refused on the CPU."""
-import logging
 
 import numpy as np
 import pytest
@@ -89,20 +88,6 @@ class LossLog:
 
     def on_iteration_end(self, solver):
         self.losses.append(float(solver.loss))
-
-
-@pytest.fixture
-def logs():
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("caffelite")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 def train(sp, iters=None):

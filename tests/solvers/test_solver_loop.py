@@ -107,20 +107,6 @@ class Recorder:
         self.snapshots.append((solver.iter, model_path, state_path))
 
 
-@pytest.fixture
-def logs():
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("caffelite")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
-
-
 def params_of(solver):
     return [b.cpu_data().copy() for b in solver.net.learnable_params]
 
