@@ -85,8 +85,8 @@ def check_label_count(layer, scores_shape: tuple, axis: int, label_count: int) -
         raise layer.error(
             f"the label has {label_count} values but the scores {scores_shape} need "
             f"{outer * inner}, one per position outside axis {axis}",
-            hint=f"with scores (N, C, H, W) and axis 1 the label must hold N*H*W integer "
-                 f"values in 0..C-1, e.g. shape (N,) or (N, 1, H, W)")
+            hint="with scores (N, C, H, W) and axis 1 the label must hold N*H*W integer "
+                 "values in 0..C-1, e.g. shape (N,) or (N, 1, H, W)")
     return outer, inner
 
 

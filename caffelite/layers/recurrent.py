@@ -66,7 +66,7 @@ class RecurrentLayer(Layer):
             states = ", ".join(f"{s}0" for s in self.state_names)
             raise self.error(
                 f"takes {2 + exposed} or {3 + exposed} bottoms, got {len(bottom)}",
-                hint=f"bottoms are x, cont, optional x_static"
+                hint="bottoms are x, cont, optional x_static"
                      + (f", then {states} (expose_hidden)" if exposed else ""))
         if len(top) != 1 + exposed:
             raise self.error(f"takes {1 + exposed} top(s), got {len(top)}",
@@ -303,7 +303,7 @@ class LSTMLayer(RecurrentLayer):
         self.cont_backward(propagate_down, bottom)
         xp, T, N, H = self.xp, self.T, self.N, self.H
         W_hc = self.blobs[-1]
-        hs, hc, cs, acts = self._hs, self._hc, self._cs, self._pre
+        hc, cs, acts = self._hc, self._cs, self._pre
         dgates = xp.empty_like(acts)
         dtop = top[0].diff
         cont = bottom[1].data

@@ -118,7 +118,6 @@ class SoftmaxWithLossLayer(LossLayer):
                              hint="set propagate_down: [true, false]")
         if not propagate_down[0]:
             return
-        xp = self.xp
         diff = bottom[0].diff
         diff[...] = self.prob.data
         flat = diff.reshape(-1)
