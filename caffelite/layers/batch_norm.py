@@ -19,6 +19,8 @@ Runs in place (top is bottom); E[] is over N and space per channel.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..registry import register_layer
 from .base import TEST, Layer
 from .scale_bias import keep_copy, sum_outer_inner
@@ -55,6 +57,7 @@ class BatchNormLayer(Layer):
         self.param_propagate_down = [False] * 3
         self.inv_std = None  # (C,), kept for backward
         self.x_norm = None   # (N, C, S) normalised top, kept for backward in TRAIN
+        self._gpu = None     # kernels/channel.py on a GPU: one reduction and one map per pass
 
     def reshape(self, bottom, top):
         channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
@@ -69,7 +72,20 @@ class BatchNormLayer(Layer):
         n = array.shape[0] if array.ndim > 1 else array.size
         return array.reshape(n, self.channels, -1)
 
+    def _dims(self, blob) -> tuple:
+        n = blob.shape[0] if blob.num_axes > 1 else blob.count
+        return n, self.channels, blob.count // max(n * self.channels, 1)
+
+    def _gpu_ops(self):
+        if self._gpu is None:
+            from ..kernels.channel import ChannelOps  # noqa: PLC0415 - GPU only
+
+            self._gpu = ChannelOps(self.dtype)
+        return self._gpu
+
     def forward(self, bottom, top):
+        if self.device.is_gpu:
+            return self._forward_gpu(bottom[0], top[0])
         xp = self.xp
         x = self._view(bottom[0].data)
         y = self._view(top[0].data)
@@ -107,9 +123,56 @@ class BatchNormLayer(Layer):
         correction = m / (m - 1) if m > 1 else 1.0
         stats[1].data[...] = stats[1].data * maf + var * correction
 
+    def _forward_gpu(self, bottom, top) -> None:
+        """The module doc's formulas in three kernels (statistics in float32 for float16 and
+        bfloat16: their sums would overflow): partial sums, statistics, normalisation."""
+        from ..kernels.channel import NULL  # noqa: PLC0415
+
+        ops = self._gpu_ops()
+        outer, dim, inner = dims = self._dims(bottom)
+        x, y = bottom.data, top.data
+        mean, inv_std = ops.buffer("mean", (dim,)), ops.buffer("inv_std", (dim,))
+        mean_sum, var_sum, factor = (blob.data for blob in self.blobs)
+        if self.use_global_stats:
+            ops.per_channel("bn_global_stats", dim, (mean_sum, var_sum, factor, np.int32(dim),
+                                                     ops.scalar(self.eps), mean, inv_std))
+            keep = NULL
+        else:
+            m = outer * inner
+            partial = ops.partial_sums(x, NULL, dims, shift=True)
+            ops.per_channel("bn_batch_stats", dim, (
+                partial, np.int32(dim), np.int32(ops.parts), x, np.int64(inner), ops.scalar(m),
+                ops.scalar(self.eps), ops.scalar(self.maf), ops.scalar(m / (m - 1) if m > 1 else 1.0),
+                mean_sum, var_sum, factor, mean, inv_std))
+            if self.x_norm is None or self.x_norm.shape != x.shape:
+                self.x_norm = self.xp.empty_like(x)
+            keep = self.x_norm
+        self.inv_std = inv_std
+        ops.elementwise("bn_normalize", x.size, (x, mean, inv_std, np.int64(x.size), np.int32(dim),
+                                                 np.int64(inner), y, keep))
+
+    def _backward_gpu(self, top, bottom) -> None:
+        from ..kernels.channel import NULL  # noqa: PLC0415
+
+        ops = self._gpu_ops()
+        outer, dim, inner = dims = self._dims(bottom)
+        dy, dx = top.diff, bottom.diff
+        if self.use_global_stats:
+            means = NULL
+        else:
+            partial = ops.partial_sums(dy, self.x_norm, dims, shift=False)
+            means = ops.buffer("means", (2, dim))
+            ops.per_channel("channel_means", dim, (partial, np.int32(dim), np.int32(ops.parts),
+                                                   ops.scalar(1.0 / (outer * inner)), means))
+        ops.elementwise("bn_backward", dy.size, (dy, self.x_norm if self.x_norm is not None else NULL,
+                                                 means, self.inv_std, np.int64(dy.size), np.int32(dim),
+                                                 np.int64(inner), dx))
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        if self.device.is_gpu:
+            return self._backward_gpu(top[0], bottom[0])
         xp = self.xp
         dy = self._view(top[0].diff)
         dx = self._view(bottom[0].diff)

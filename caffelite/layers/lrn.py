@@ -18,7 +18,8 @@ and k is not used::
 
 Both window sums add n shifted slices of a zero-padded buffer: vectorised over
 the whole batch, and exact (a running or cumulative sum over a long axis
-loses the small terms in float32).
+loses the small terms in float32). On a GPU both regions run caffelite.kernels.lrn
+instead: one pass forward, one backward.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class LRNLayer(Layer):
         xp, shape = self.xp, bottom[0].shape
         if self.scale is None or self.scale.shape != shape:
             self.scale = xp.empty(shape, self.dtype)
+            if self.device.is_gpu:
+                return  # the kernels need no work buffer
             n, c, h, w = shape
             p = 2 * self.pre_pad
             padded = (n, c + p, h, w) if self.region == ACROSS_CHANNELS else (n, c, h + p, w + p)
@@ -92,6 +95,14 @@ class LRNLayer(Layer):
         return self.k if self.region == ACROSS_CHANNELS else 1.0
 
     def forward(self, bottom, top):
+        if self.device.is_gpu:
+            from ..kernels import lrn as kernels
+
+            kernels.forward(bottom[0].data, self.scale, top[0].data,
+                            across=self.region == ACROSS_CHANNELS, size=self.size,
+                            alpha_over_size=self.alpha / self._window_count(), k=self._shift(),
+                            beta=self.beta)
+            return
         xp = self.xp
         x, y, scale = bottom[0].data, top[0].data, self.scale
         xp.multiply(x, x, out=y)  # y holds x^2 until the end
@@ -103,6 +114,14 @@ class LRNLayer(Layer):
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
+            return
+        if self.device.is_gpu:
+            from ..kernels import lrn as kernels
+
+            kernels.backward(bottom[0].data, top[0].data, top[0].diff, self.scale, bottom[0].diff,
+                             across=self.region == ACROSS_CHANNELS, size=self.size,
+                             cache_ratio=2.0 * self.alpha * self.beta / self._window_count(),
+                             beta=self.beta)
             return
         xp = self.xp
         x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self.scale

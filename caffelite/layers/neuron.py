@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..fillers import fill
+from ..kernels import fused_kernel
 from ..proto import pb
 from ..registry import register_layer
 from .base import TRAIN, Layer, NeuronLayer
@@ -52,6 +53,10 @@ class ReLULayer(NeuronLayer):
             return
         xp, s = self.xp, self.slope
         dy, dx = top[0].diff, bottom[0].diff
+        if s == 0 and xp is not np:  # one pass on a GPU: no mask array
+            fused_kernel(xp, "T x, T dy", "T dx", "dx = x > (T)0 ? dy : (T)0",
+                         "caffelite_relu_backward")(bottom[0].data, dy, dx)
+            return
         if s < 0 and _in_place(bottom, top):
             positive = self._mask
         else:
@@ -121,15 +126,22 @@ class TanHLayer(NeuronLayer):
             bottom[0].diff[...] = top[0].diff * (1 - y * y)
 
 
+# splitmix64 of seed + i * golden ratio: 24 random bits -> u in [0, 1); kept when u >= ratio.
+_DROPOUT = ("unsigned long long z = seed + (unsigned long long)i * 0x9E3779B97F4A7C15ull; "
+            "z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull; z = (z ^ (z >> 27)) * 0x94D049BB133111EBull; "
+            "z ^= z >> 31; float u = (float)(z >> 40) * (1.0f / 16777216.0f); "
+            "multiplier = u >= ratio ? scale : (T)0; y = x * multiplier;")
+
+
 @register_layer("Dropout")
 class DropoutLayer(NeuronLayer):
     """TRAIN: y = x * mask / (1 - r), mask ~ Bernoulli(1 - r) per element (r = dropout_ratio);
     TEST: y = x. Backward applies the same mask and scale.
 
     On the CPU the mask is drawn from the layer's own NumPy stream ``self.rng``
-    (so a snapshot resumes it exactly). On a GPU it is drawn on the device by a
-    CuPy generator that is reseeded from ``self.rng`` every forward: no host
-    copy per batch, and a resumed run still draws the same masks.
+    (so a snapshot resumes it exactly). On a GPU one kernel hashes a seed drawn
+    from ``self.rng`` with each element's index: no host copy per batch, and a
+    resumed run still draws the same masks.
     """
 
     param_name = "dropout_param"
@@ -150,23 +162,24 @@ class DropoutLayer(NeuronLayer):
                 y[...] = x
             return
         if self.device.is_gpu:
-            uniform = self._device_uniform(bottom[0].shape)
-        else:
-            uniform = self.rng.random(bottom[0].shape, dtype=self.dtype)
+            return self._forward_gpu(x, y)
+        uniform = self.rng.random(bottom[0].shape, dtype=self.dtype)
         keep = uniform >= self.ratio  # kept with probability 1 - r
         multiplier = keep.astype(self.dtype)
         multiplier *= self.scale
         self._multiplier = multiplier
         self.xp.multiply(x, self._multiplier, out=y)
 
-    def _device_uniform(self, shape):
-        """Uniform [0, 1) numbers drawn on the GPU (float32 for float16/bfloat16 nets)."""
-        generator = getattr(self, "_device_rng", None)
-        if generator is None:
-            generator = self._device_rng = self.xp.random.RandomState()
-        generator.seed(int(self.rng.integers(2 ** 63)))  # host-side only: no device sync
-        dtype = self.dtype if self.dtype in (np.float32, np.float64) else np.float32
-        return generator.random_sample(shape, dtype=dtype)
+    def _forward_gpu(self, x, y) -> None:
+        """One kernel: the mask from a counter-based hash of (seed, element index), the seed drawn
+        from ``self.rng`` on the host (no device generator state, no host-device sync; a resumed
+        run draws the same masks)."""
+        if self._multiplier is None or self._multiplier.shape != x.shape:
+            self._multiplier = self.xp.empty_like(x)
+        seed = np.uint64(self.rng.integers(2 ** 63))
+        fused_kernel(self.xp, "T x, uint64 seed, float32 ratio, T scale", "T y, T multiplier", _DROPOUT,
+                     "caffelite_dropout")(x, seed, np.float32(self.ratio), self.dtype.type(self.scale),
+                                          y, self._multiplier)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

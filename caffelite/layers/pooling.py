@@ -24,6 +24,11 @@ each a flat (N*C*Hph*Wph) array. Kernel offset (kh, kw) then reads phase
 (kh % s_h, kw % s_w) shifted by (kh // s_h) * Wph + kw // s_w: one contiguous
 1-d slice, which NumPy processes about 10x faster than a stride-s view. The
 outputs are computed on the whole (N*C, Hph, Wph) grid, (Ho, Wo) of it used.
+
+On a GPU, MAX and AVE (global pooling included) run instead as Caffe's CUDA kernels do
+(caffelite/kernels/pooling.py): one thread per output forward, one per input element
+backward, with the same results; MAX keeps its int32 argmax h*W + w per output for backward.
+STOCHASTIC keeps the path above on every device.
 """
 from __future__ import annotations
 
@@ -103,6 +108,9 @@ class PoolingLayer(Layer):
         self.ws = Workspace()
         self.pixels = Pixels(False)
         self._divisor_key = None
+        # GPU: MAX/AVE through the CUDA kernels; the argmax buffer is cached across iterations.
+        self._gpu = self.device.is_gpu and self.method != STOCHASTIC
+        self._argmax = None
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -244,8 +252,53 @@ class PoolingLayer(Layer):
             self._divisor = self.xp.asarray(np.outer(sizes[0], sizes[1]).astype(dtype))
         return self._divisor
 
+    # ---- GPU (CUDA kernels) -------------------------------------------------
+    def _gpu_geometry(self) -> tuple:
+        return self.in_spatial + self.out_spatial + self.kernel + self.stride + self.pad
+
+    def _argmax_buffer(self, shape):
+        """The int32 argmax per output, reallocated only when the top shape changes."""
+        if self._argmax is None or self._argmax.shape != tuple(shape):
+            self._argmax = self.xp.empty(tuple(shape), np.int32)
+        return self._argmax
+
+    def _gpu_max_forward(self, x, y, want_index: bool, mask=None) -> None:
+        from ..kernels import pooling as kernels
+
+        kernels.max_pool_forward(x, y, self._gpu_geometry(),
+                                 argmax=self._argmax_buffer(y.shape) if want_index else None,
+                                 mask=mask, nan_first=self.global_pooling)
+        self._index_ready = want_index
+
+    def _forward_gpu(self, bottom, top) -> None:
+        from ..kernels import pooling as kernels
+
+        x, y = bottom[0].gpu_data(), top[0].data
+        self._index_ready = False
+        if self.method == MAX:
+            self._gpu_max_forward(x, y, self.phase == TRAIN or len(top) > 1,
+                                  mask=top[1].data if len(top) > 1 else None)
+        else:
+            kernels.ave_pool_forward(x, y, self._gpu_geometry())
+
+    def _backward_gpu(self, top, bottom) -> None:
+        from ..kernels import pooling as kernels
+
+        dy, dx = top[0].gpu_diff(), bottom[0].diff
+        if self.method == AVE:
+            kernels.ave_pool_backward(dy, dx, self._gpu_geometry())
+            return
+        if not self._index_ready:
+            # As the CPU path: no argmax kept by the forward (TEST phase), so find it again.
+            scratch = self.ws.get(self.xp, "recompute", dy.shape, dy.dtype)
+            self._gpu_max_forward(bottom[0].gpu_data(), scratch, True)
+        kernels.max_pool_backward(dy, self._argmax, dx, self._gpu_geometry())
+
     # ---- forward -----------------------------------------------------------
     def forward(self, bottom, top):
+        if self._gpu:
+            self._forward_gpu(bottom, top)
+            return
         x = self._planes(bottom[0].data)
         y = self._planes(top[0].data)
         self._index_ready = False
@@ -361,6 +414,9 @@ class PoolingLayer(Layer):
     # ---- backward ----------------------------------------------------------
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
+            return
+        if self._gpu:
+            self._backward_gpu(top, bottom)
             return
         xp = self.xp
         dx = self._planes(bottom[0].diff)

@@ -15,6 +15,8 @@ in place; Scale then keeps a copy of the bottom for ds.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..fillers import fill
 from ..proto import pb
 from ..registry import register_layer
@@ -60,6 +62,43 @@ def sum_outer_inner(xp, a, b=None):
     return xp.einsum("ods,ods->d", a, b)
 
 
+def _channel_ops(dtype):
+    from ..kernels.channel import ChannelOps  # noqa: PLC0415 - GPU only
+
+    return ChannelOps(dtype)
+
+
+def _null():
+    from ..kernels.channel import NULL  # noqa: PLC0415
+
+    return NULL
+
+
+def _affine(ops, x, s, b, dims, y, keep) -> None:
+    """y = x * s[c] (+ b[c]) on the GPU for (outer, dim, inner) ``dims``; keep = x if given."""
+    outer, dim, inner = dims
+    n = outer * dim * inner
+    ops.elementwise("channel_affine", n, (x, s, b, np.int64(n), np.int32(dim), np.int64(inner), y, keep))
+
+
+def _write_grads(ops, dim: int, bias, bias_accumulates: bool, scale, scale_accumulates: bool) -> None:
+    """Gradients from the partial sums of dy (into ``bias``'s diff) and of dy * x (into
+    ``scale``'s): added to a learned blob's diff (written over pending zeros), written into a
+    bottom's diff."""
+    args = []
+    for blob, accumulates in ((bias, bias_accumulates), (scale, scale_accumulates)):
+        if blob is None:
+            args += [_null(), np.int32(0)]
+            continue
+        if accumulates:
+            diff, overwrite = blob.diff_for_update()
+            args += [diff, np.int32(1 if overwrite else 2)]
+        else:
+            args += [blob.diff, np.int32(1)]
+    ops.per_channel("channel_grads", dim, (ops.buffer("partial", (2, dim, ops.parts)), np.int32(dim),
+                                           np.int32(ops.parts), *args))
+
+
 def keep_copy(xp, array, buffer):
     """Copy ``array`` into ``buffer``, reallocating it only when the shape changed."""
     if buffer is None or buffer.shape != array.shape:
@@ -89,6 +128,7 @@ class ScaleLayer(Layer):
             self.blobs.append(self.make_blob(shape, f"{self.name}_bias"))
             fill(self.blobs[self.bias_id], p.bias_filler, self.rng)
         self._bottom_copy = None
+        self._gpu = None
 
     def _scale_blob(self, bottom):
         return bottom[1] if len(bottom) == 2 else self.blobs[0]
@@ -103,6 +143,8 @@ class ScaleLayer(Layer):
             top[0].reshape_like(bottom[0])
 
     def forward(self, bottom, top):
+        if self.device.is_gpu:
+            return self._forward_gpu(bottom, top)
         x = bottom[0].data.reshape(self.dims)
         if top[0] is bottom[0]:
             self._bottom_copy = keep_copy(self.xp, x, self._bottom_copy)  # ds needs x after y overwrote it
@@ -111,7 +153,42 @@ class ScaleLayer(Layer):
         if self.bias_id is not None:
             y += self.blobs[self.bias_id].data.reshape(-1, 1)
 
+    def _forward_gpu(self, bottom, top) -> None:
+        """One kernel: y = x * s (+ b), keeping x when in place."""
+        from ..kernels.channel import NULL  # noqa: PLC0415
+
+        self._gpu = self._gpu or _channel_ops(self.dtype)
+        x = bottom[0].data
+        keep = NULL
+        if top[0] is bottom[0]:
+            if self._bottom_copy is None or self._bottom_copy.shape != self.dims:
+                self._bottom_copy = self.xp.empty(self.dims, self.dtype)
+            keep = self._bottom_copy
+        bias = self.blobs[self.bias_id].data if self.bias_id is not None else NULL
+        _affine(self._gpu, x, self._scale_blob(bottom).data, bias, self.dims, top[0].data, keep)
+
+    def _backward_gpu(self, top, propagate_down, bottom) -> None:
+        """One reduction for the scale and bias gradients, one map for dx."""
+        ops = self._gpu = self._gpu or _channel_ops(self.dtype)
+        dy = top[0].diff
+        learned = len(bottom) == 1
+        scale = self._scale_blob(bottom)
+        want_ds = (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1])
+        want_db = self.bias_id is not None and self.param_propagate_down[self.bias_id]
+        if want_ds or want_db:
+            x = self._bottom_copy if top[0] is bottom[0] else bottom[0].data
+            ops.partial_sums(dy, x, self.dims, shift=False)
+            bias = self.blobs[self.bias_id] if want_db else None
+            _write_grads(ops, self.dims[1], bias, True, scale if want_ds else None, learned)
+        if propagate_down[0]:
+            from ..kernels.channel import NULL  # noqa: PLC0415
+
+            # In place dx is dy's memory: the sums above have already read dy.
+            _affine(ops, dy, scale.data, NULL, self.dims, bottom[0].diff, NULL)
+
     def backward(self, top, propagate_down, bottom):
+        if self.device.is_gpu:
+            return self._backward_gpu(top, propagate_down, bottom)
         xp = self.xp
         dy = top[0].diff.reshape(self.dims)
         if self.bias_id is not None and self.param_propagate_down[self.bias_id]:
@@ -144,6 +221,7 @@ class BiasLayer(Layer):
             shape = _learned_shape(self, bottom[0], p.axis, p.num_axes)
             self.blobs.append(self.make_blob(shape, f"{self.name}_bias"))
             fill(self.blobs[0], p.filler, self.rng)  # FillerParameter's default: constant 0
+        self._gpu = None
 
     def _bias_blob(self, bottom):
         return bottom[1] if len(bottom) == 2 else self.blobs[0]
@@ -159,14 +237,18 @@ class BiasLayer(Layer):
         self.xp.add(x, self._bias_blob(bottom).data.reshape(-1, 1), out=y)
 
     def backward(self, top, propagate_down, bottom):
-        dy = top[0].diff.reshape(self.dims)
         learned = len(bottom) == 1
         bias = self._bias_blob(bottom)
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
-            db = sum_outer_inner(self.xp, dy).reshape(bias.shape)
-            if learned:
-                bias.diff += db
+            if self.device.is_gpu:
+                self._gpu = self._gpu or _channel_ops(self.dtype)
+                self._gpu.partial_sums(top[0].diff, _null(), self.dims, shift=False)
+                _write_grads(self._gpu, self.dims[1], bias, learned, None, learned)
             else:
-                bias.diff[...] = db
+                db = sum_outer_inner(self.xp, top[0].diff.reshape(self.dims)).reshape(bias.shape)
+                if learned:
+                    bias.diff += db
+                else:
+                    bias.diff[...] = db
         if propagate_down[0] and top[0] is not bottom[0]:
             bottom[0].diff[...] = top[0].diff

@@ -13,7 +13,7 @@ g is the regularized gradient in ``diff``, lr = rate * lr_mult, delta the
 AdaDelta and Adam keep two history blobs per parameter; in the solver state
 all first-set blobs come before all second-set blobs, as in Caffe. The
 operation order follows Caffe's, so float32 results round the same way. On a GPU, Adam's
-update is one fused CuPy kernel per parameter (fused.py).
+update is one fused CuPy kernel per parameter (kernels.fused_kernel).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..registry import register_solver
 from .base import Solver
-from .fused import fused_kernel
+from ..kernels import fused_kernel
 
 # g = diff + decay * W is the L2-regularized gradient (decay 0 when regularize() already added it).
 _ADAM = ("T b1, T b2, T delta, T rate, T decay, T w", "T m, T v, T diff",

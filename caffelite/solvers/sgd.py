@@ -7,7 +7,8 @@ and V the history blob (one per learnable parameter)::
     Nesterov:  V' = m * V + lr * g;                step = (1 + m) * V' - m * V;  V = V'
 
 The step is written into ``diff``; the net then does W -= diff. On a GPU each update is one
-fused CuPy kernel per parameter (fused.py); on the CPU the NumPy code below, in Caffe's order.
+fused CuPy kernel per parameter (kernels.fused_kernel), or one for all of them at once
+(flat_update.py); on the CPU the NumPy code below, in Caffe's order.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..registry import register_solver
 from .base import Solver
-from .fused import fused_kernel
+from ..kernels import fused_kernel
 
 # g = diff + decay * W is the L2-regularized gradient (decay 0 when regularize() already added it).
 _SGD = ("T momentum, T rate, T decay, T w", "T history, T diff",

@@ -45,6 +45,9 @@ class ParameterUpdate:
         rate = self.get_learning_rate()
         if self.param.display and self.iter % self.param.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, g(self._dt(rate)))
+        if self._flat_update():
+            self._flat.apply(rate)
+            return
         self.clip_gradients()
         for param_id in range(len(self.learnable_params)):
             self.normalize(param_id)
@@ -54,6 +57,19 @@ class ParameterUpdate:
             self.net.update()
         else:
             self.mixed.update()
+
+    #: The one-kernel GPU update (flat_update.py), built at the first update where it applies.
+    _flat = None
+    _flat_checked = False
+
+    def _flat_update(self) -> bool:
+        if not self._flat_checked:
+            from .flat_update import FlatUpdate  # noqa: PLC0415
+
+            self._flat_checked = True
+            if FlatUpdate.applies(self):
+                self._flat = FlatUpdate(self)
+        return self._flat is not None
 
     def clip_gradients(self) -> None:
         clip = self.param.clip_gradients

@@ -92,6 +92,33 @@ def test_pooling(rs, device, method):
     compare_devices("Pooling", [x], device, pooling_param=param)
 
 
+POOLING_CASES = {
+    "max-pad1-stride2-k3-ceil": ({"pool": "MAX", "kernel_size": 3, "stride": 2, "pad": 1}, 1),
+    "max-mask": ({"pool": "MAX", "kernel_size": 3, "stride": 2, "pad": 1}, 2),
+    "ave-pad": ({"pool": "AVE", "kernel_size": 3, "stride": 2, "pad": 1}, 1),
+    "max-floor": ({"pool": "MAX", "kernel_size": 3, "stride": 2, "pad": 1, "round_mode": "FLOOR"}, 1),
+    "ave-floor": ({"pool": "AVE", "kernel_size": 2, "stride": 2, "round_mode": "FLOOR"}, 1),
+    "global-max": ({"pool": "MAX", "global_pooling": True}, 1),
+    "global-max-mask": ({"pool": "MAX", "global_pooling": True}, 2),
+    "global-ave": ({"pool": "AVE", "global_pooling": True}, 1),
+    "max-nonsquare": ({"pool": "MAX", "kernel_h": 3, "kernel_w": 2, "stride_h": 2, "stride_w": 1}, 1),
+    "ave-nonsquare-pad": ({"pool": "AVE", "kernel_h": 3, "kernel_w": 2, "stride_h": 2, "stride_w": 1,
+                           "pad_h": 1, "pad_w": 1}, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOLING_CASES))
+@pytest.mark.parametrize("phase", [TRAIN, TEST])
+def test_pooling_geometries(rs, device, case, phase):
+    """Pad, CEIL/FLOOR, global, non-square windows and the mask top; TEST has MAX find its argmax
+    again in backward. Rounded inputs give ties (the first maximum in window order wins)."""
+    param, num_top = POOLING_CASES[case]
+    x = rs.standard_normal((2, 3, 7, 6))
+    compare_devices("Pooling", [x], device, num_top=num_top, phase=phase, pooling_param=param)
+    compare_devices("Pooling", [np.round(x * 2)], device, num_top=num_top, phase=phase,
+                    pooling_param=param)
+
+
 # ---- InnerProduct -----------------------------------------------------------------------------
 def test_inner_product(rs, device):
     x = rs.standard_normal((3, 2, 2, 2))
@@ -204,3 +231,17 @@ def test_dropout(rs, device):
     assert not np.array_equal(y2 != 0, kept)
     again, b2, t2, (z,) = run("Dropout", [x], phase=TRAIN, device=device, dropout_param={"dropout_ratio": 0.3})
     np.testing.assert_array_equal(z, y)
+
+
+# ---- LRN ACROSS_CHANNELS parameters (the GPU kernel walks channels in chunks of 32) --------------
+@pytest.mark.parametrize("shape", [(2, 2, 3, 4), (2, 7, 3, 3), (1, 70, 2, 3)],
+                         ids=["C<size", "C=7", "C=70"])
+@pytest.mark.parametrize("size", [3, 5])
+@pytest.mark.parametrize("beta", [0.75, 1.0])
+@pytest.mark.parametrize("k", [1.0, 2.0])
+def test_lrn_across_channels_params(rs, device, shape, size, beta, k):
+    x = rs.standard_normal(shape)
+    param = {"local_size": size, "alpha": 0.5, "beta": beta, "k": k}
+    _, _, _, (y,) = run("LRN", [x], lrn_param=param, device=device)
+    np.testing.assert_allclose(y, ref_lrn_across(x, size, 0.5, beta, k), rtol=1e-10)
+    compare_devices("LRN", [x], device, lrn_param=param)

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffelite.proto import pb
-from caffelite.solvers import fused
+from caffelite import kernels as fused
 from caffelite.solvers.base import Solver, create_solver
 
 
@@ -64,7 +64,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
 
 @pytest.fixture(autouse=True)
 def fresh_kernels(monkeypatch):
-    monkeypatch.setattr(fused, "_kernels", {})
+    monkeypatch.setattr(fused, "_elementwise", {})
 
 
 def solver(type_, **fields):
@@ -94,7 +94,7 @@ def test_fused_updates_equal_the_cpu_code(monkeypatch, type_, fields):
     cpu.step(10)
     gpu = on_fake_gpu(solver(type_, **fields), monkeypatch)
     gpu.step(10)
-    assert fused._kernels or fields.get("regularization_type") == "L1"
+    assert fused._elementwise or fields.get("regularization_type") == "L1"
     for a, b in zip(cpu.net.learnable_params, gpu.net.learnable_params):
         np.testing.assert_array_equal(a.cpu_data(), b.cpu_data())
     for a, b in zip(cpu.history, gpu.history):
@@ -104,7 +104,7 @@ def test_fused_updates_equal_the_cpu_code(monkeypatch, type_, fields):
 def test_the_fake_device_really_takes_the_gpu_branch(monkeypatch):
     s = on_fake_gpu(solver("SGD"), monkeypatch)
     s.step(1)
-    assert "caffelite_sgd_update" in fused._kernels
+    assert "caffelite_sgd_update" in fused._elementwise
     assert s.fused_l2_decay(0) == np.float32(0.01)  # ip1 weights: decay_mult 1
     assert s.fused_l2_decay(1) == 0                 # ip1 bias: decay_mult 0
 

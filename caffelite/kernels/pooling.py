@@ -1,0 +1,265 @@
+"""MAX and AVE pooling over 2-D windows in one pass each way, as Caffe's pooling_layer.cu.
+
+The semantics are those of ``caffelite/layers/pooling.py`` (its module doc): window (oh, ow)
+starts at (oh*s_h - p_h, ow*s_w - p_w) and covers k_h x k_w pixels; padding is never read.
+
+- ``max_pool_forward``: one thread per output. The largest real pixel, the first one in
+  row-major window order on ties; the int32 argmax h*W + w within the input plane goes to an
+  index buffer for backward (when given) and, as a float, to the mask top (when given). A NaN
+  makes the output NaN and freezes the index (as the CPU's running ``maximum``/``greater``);
+  with ``nan_first`` (global pooling, where the CPU uses ``argmax``) the index is the first NaN.
+  A window with no pixel above -inf gets the index of its first offset (hstart*W + wstart,
+  possibly in the padding), again as the CPU.
+- ``ave_pool_forward``: one thread per output; the sum of the real pixels divided by the window
+  clipped to the padded image, (min(hs + k_h, H + p_h) - hs) * (same for w).
+- ``max_pool_backward`` / ``ave_pool_backward``: one thread per BOTTOM element, gathering over the
+  windows that contain it (no atomics, deterministic); they overwrite the bottom diff. The
+  windows are visited in decreasing (oh, ow), the order in which the CPU's loop over kernel
+  offsets adds them, so float32 results equal the CPU's.
+
+Geometry everywhere is the tuple (H, W, Ho, Wo, k_h, k_w, s_h, s_w, p_h, p_w); every array is
+C-contiguous (N, C, ., .) on the GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import BLOCK, blocks, compiled
+
+SOURCE = r"""
+__device__ __forceinline__ int imin(const int a, const int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(const int a, const int b) { return a > b ? a : b; }
+
+template <typename I>
+__device__ __forceinline__ void max_forward(
+        const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw,
+        const int write_index, const int write_mask, const int nan_first) {
+    const acc_t neg_inf = (acc_t)(-__int_as_float(0x7f800000));
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
+         i += (I)blockDim.x * (I)gridDim.x) {
+        const int ow = (int)(i % Wo);
+        const int oh = (int)((i / Wo) % Ho);
+        const I plane = i / ((I)Wo * (I)Ho);
+        const int hs = oh * sh - ph, ws = ow * sw - pw;
+        const int hend = imin(hs + kh, H), wend = imin(ws + kw, W);
+        const int hstart = imax(hs, 0), wstart = imax(ws, 0);
+        const T* src = x + plane * ((I)H * (I)W);
+        acc_t best = neg_inf;
+        int idx = -1;
+        for (int h = hstart; h < hend; ++h) {
+            for (int w = wstart; w < wend; ++w) {
+                const acc_t v = ld(src[h * W + w]);
+                if (v > best) {
+                    best = v;
+                    idx = h * W + w;
+                } else if (v != v && best == best) {   // the first NaN: the output is NaN
+                    best = v;
+                    if (nan_first) idx = h * W + w;
+                }
+            }
+        }
+        if (idx < 0) idx = hs * W + ws;              // nothing above -inf: the first offset
+        y[i] = st(best);
+        if (write_index) argmax[i] = idx;
+        if (write_mask) mask[i] = st((acc_t)idx);
+    }
+}
+
+extern "C" __global__ void max_pool_forward32(
+        const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw,
+        const int write_index, const int write_mask, const int nan_first) {
+    max_forward<int>(x, y, argmax, mask, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw,
+                     write_index, write_mask, nan_first);
+}
+
+extern "C" __global__ void max_pool_forward64(
+        const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw,
+        const int write_index, const int write_mask, const int nan_first) {
+    max_forward<long long>(x, y, argmax, mask, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw,
+                           write_index, write_mask, nan_first);
+}
+
+template <typename I>
+__device__ __forceinline__ void ave_forward(
+        const T* __restrict__ x, T* __restrict__ y, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
+         i += (I)blockDim.x * (I)gridDim.x) {
+        const int ow = (int)(i % Wo);
+        const int oh = (int)((i / Wo) % Ho);
+        const I plane = i / ((I)Wo * (I)Ho);
+        const int hs = oh * sh - ph, ws = ow * sw - pw;
+        const int hpad = imin(hs + kh, H + ph), wpad = imin(ws + kw, W + pw);
+        const acc_t pool = (acc_t)((hpad - hs) * (wpad - ws));
+        const int hstart = imax(hs, 0), wstart = imax(ws, 0);
+        const int hend = imin(hpad, H), wend = imin(wpad, W);
+        const T* src = x + plane * ((I)H * (I)W);
+        acc_t sum = 0;
+        for (int h = hstart; h < hend; ++h) {
+            for (int w = wstart; w < wend; ++w) {
+                sum += ld(src[h * W + w]);
+            }
+        }
+        y[i] = st(sum / pool);
+    }
+}
+
+extern "C" __global__ void ave_pool_forward32(
+        const T* __restrict__ x, T* __restrict__ y, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    ave_forward<int>(x, y, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void ave_pool_forward64(
+        const T* __restrict__ x, T* __restrict__ y, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    ave_forward<long long>(x, y, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+}
+
+// Windows that contain input row h (padded coordinate h + p): oh in [start, end).
+__device__ __forceinline__ int window_start(const int h, const int k, const int s, const int p) {
+    return (h + p < k) ? 0 : (h + p - k) / s + 1;
+}
+__device__ __forceinline__ int window_end(const int h, const int s, const int p, const int out) {
+    return imin((h + p) / s + 1, out);
+}
+
+template <typename I>
+__device__ __forceinline__ void max_backward(
+        const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
+        const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
+         i += (I)blockDim.x * (I)gridDim.x) {
+        const int w = (int)(i % W);
+        const int h = (int)((i / W) % H);
+        const I plane = i / ((I)W * (I)H);
+        const int ohs = window_start(h, kh, sh, ph), ohe = window_end(h, sh, ph, Ho);
+        const int ows = window_start(w, kw, sw, pw), owe = window_end(w, sw, pw, Wo);
+        const I offset = plane * ((I)Ho * (I)Wo);
+        const T* g = dy + offset;
+        const int* am = argmax + offset;
+        const int me = h * W + w;
+        acc_t sum = 0;
+        for (int oh = ohe - 1; oh >= ohs; --oh) {
+            for (int ow = owe - 1; ow >= ows; --ow) {
+                if (am[oh * Wo + ow] == me) sum += ld(g[oh * Wo + ow]);
+            }
+        }
+        dx[i] = st(sum);
+    }
+}
+
+extern "C" __global__ void max_pool_backward32(
+        const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
+        const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    max_backward<int>(dy, argmax, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void max_pool_backward64(
+        const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
+        const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    max_backward<long long>(dy, argmax, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+}
+
+template <typename I>
+__device__ __forceinline__ void ave_backward(
+        const T* __restrict__ dy, T* __restrict__ dx, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
+         i += (I)blockDim.x * (I)gridDim.x) {
+        const int w = (int)(i % W);
+        const int h = (int)((i / W) % H);
+        const I plane = i / ((I)W * (I)H);
+        const int ohs = window_start(h, kh, sh, ph), ohe = window_end(h, sh, ph, Ho);
+        const int ows = window_start(w, kw, sw, pw), owe = window_end(w, sw, pw, Wo);
+        const T* g = dy + plane * ((I)Ho * (I)Wo);
+        acc_t sum = 0;
+        for (int oh = ohe - 1; oh >= ohs; --oh) {
+            const int hs = oh * sh - ph;
+            const int pool_h = imin(hs + kh, H + ph) - hs;
+            for (int ow = owe - 1; ow >= ows; --ow) {
+                const int ws = ow * sw - pw;
+                const int pool_w = imin(ws + kw, W + pw) - ws;
+                sum += ld(g[oh * Wo + ow]) / (acc_t)(pool_h * pool_w);
+            }
+        }
+        dx[i] = st(sum);
+    }
+}
+
+extern "C" __global__ void ave_pool_backward32(
+        const T* __restrict__ dy, T* __restrict__ dx, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    ave_backward<int>(dy, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+}
+
+extern "C" __global__ void ave_pool_backward64(
+        const T* __restrict__ dy, T* __restrict__ dx, const long long count,
+        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
+        const int sh, const int sw, const int ph, const int pw) {
+    ave_backward<long long>(dy, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+}
+"""
+
+_INT32_LIMIT = 2 ** 31 - 1
+
+
+def _launch(name: str, dtype, count: int, largest: int, arrays: tuple, geometry: tuple,
+            flags: tuple = ()) -> None:
+    """Run kernel ``name`` over ``count`` threads: its 32-bit-index variant when every index
+    (thread, and element of the largest array, ``largest`` elements) fits in an int."""
+    grid = blocks(count)
+    bits = "32" if max(count + grid * BLOCK, largest) <= _INT32_LIMIT else "64"
+    kernel = compiled(SOURCE, name + bits, dtype)
+    kernel((grid,), (BLOCK,), arrays + (np.int64(count),) + tuple(np.int32(v) for v in geometry)
+           + tuple(np.int32(v) for v in flags))
+
+
+def max_pool_forward(x, y, geometry: tuple, argmax=None, mask=None, nan_first: bool = False) -> None:
+    """``y`` = MAX pooling of ``x``; the int32 argmax into ``argmax`` and, as floats, into
+    ``mask`` when they are given (arrays of ``y``'s shape)."""
+    count = y.size
+    if count == 0:
+        return
+    _launch("max_pool_forward", y.dtype, count, max(count, x.size),
+            (x, y, y if argmax is None else argmax, y if mask is None else mask), geometry,
+            (argmax is not None, mask is not None, nan_first))
+
+
+def ave_pool_forward(x, y, geometry: tuple) -> None:
+    """``y`` = AVE pooling of ``x``."""
+    if y.size:
+        _launch("ave_pool_forward", y.dtype, y.size, max(y.size, x.size), (x, y), geometry)
+
+
+def max_pool_backward(dy, argmax, dx, geometry: tuple) -> None:
+    """``dx`` = the MAX pooling gradient of ``dy`` through the forward's ``argmax`` (overwrites)."""
+    if dx.size:
+        _launch("max_pool_backward", dx.dtype, dx.size, max(dx.size, dy.size), (dy, argmax, dx), geometry)
+
+
+def ave_pool_backward(dy, dx, geometry: tuple) -> None:
+    """``dx`` = the AVE pooling gradient of ``dy`` (overwrites)."""
+    if dx.size:
+        _launch("ave_pool_backward", dx.dtype, dx.size, max(dx.size, dy.size), (dy, dx), geometry)
+
+
+__all__ = ["SOURCE", "ave_pool_backward", "ave_pool_forward", "max_pool_backward",
+           "max_pool_forward"]

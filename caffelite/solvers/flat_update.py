@@ -1,0 +1,130 @@
+"""The whole SGD / Nesterov update in one GPU kernel, over flat parameter buffers.
+
+Per parameter, an update is a few small kernel launches (the fused update, then W -= diff);
+ResNet-50 has 161 learnable blobs, so the update alone cost 26 ms a step on an H100, most of it
+launching. Here every learnable parameter's data, diff and history become views into three flat
+device buffers (an "arena" each), and one elementwise kernel updates them all::
+
+    g = diff / iter_size + decay * W        decay = weight_decay * decay_mult   (L2)
+    SGD:       V = m * V + (rate * lr_mult) * g;           step = V
+    Nesterov:  V' = m * V + (rate * lr_mult) * g;          step = (1 + m) * V' - m * V;  V = V'
+    diff = step;  W -= step
+
+lr_mult and decay are per-element arrays made once. It is the per-parameter path's arithmetic
+(sgd.py, update.py, Net.update) in one pass. Used on a GPU for SGD and Nesterov without mixed
+precision, gradient clipping or L1 regularisation; other set-ups keep the per-parameter path.
+
+A blob whose memory was replaced since the arena was built (``blob.data = array``) makes the
+arena rebuild itself before the next update, so the update never writes to stale memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..blob import HEAD_GPU
+from ..kernels import fused_kernel
+
+_KERNELS = {
+    "SGD": ("T momentum, T rate, T norm, T lr_mult, T decay", "T w, T history, T diff",
+            "T g = diff * norm + decay * w; history = momentum * history + (rate * lr_mult) * g; "
+            "diff = history; w -= history;", "caffelite_flat_sgd"),
+    "Nesterov": ("T momentum, T rate, T norm, T lr_mult, T decay", "T w, T history, T diff",
+                 "T g = diff * norm + decay * w; T previous = history; "
+                 "history = momentum * history + (rate * lr_mult) * g; "
+                 "T step = (1 + momentum) * history - momentum * previous; diff = step; w -= step;",
+                 "caffelite_flat_nesterov"),
+}
+
+
+#: Each blob's view starts on a 256-byte boundary, as cudaMalloc's memory does (cuDNN and
+#: cuBLAS refuse or slow down on misaligned pointers).
+ALIGN_BYTES = 256
+
+
+def _offsets(memories, itemsize: int) -> tuple[list[int], int]:
+    step = max(ALIGN_BYTES // itemsize, 1)
+    offsets, total = [], 0
+    for memory in memories:
+        offsets.append(total)
+        total += -(-memory.capacity // step) * step
+    return offsets, total
+
+
+def arena(xp, memories, dtype):
+    """Copy each SyncedMemory's values into one flat device buffer and make each a view of it
+    (aligned; the gaps hold zeros); returns the buffer and the views' offsets."""
+    offsets, total = _offsets(memories, np.dtype(dtype).itemsize)
+    flat = xp.zeros(total, dtype)
+    for memory, offset in zip(memories, offsets):
+        view = flat[offset:offset + memory.capacity]
+        if not memory.zero_pending:
+            view[...] = memory.mutable_gpu()
+        memory.assign(view)
+    return flat, offsets
+
+
+def _unique(memories):
+    seen, out = set(), []
+    for memory in memories:
+        if id(memory) not in seen:
+            seen.add(id(memory))
+            out.append(memory)
+    return out
+
+
+class FlatUpdate:
+    """One solver's parameters in arenas, and its one-kernel update (module doc)."""
+
+    @staticmethod
+    def applies(solver) -> bool:
+        p = solver.param
+        return (solver.device.is_gpu and solver.mixed is None and type(solver).__name__ in
+                ("SGDSolver", "NesterovSolver") and p.clip_gradients < 0
+                and (p.regularization_type == "L2" or p.weight_decay == 0))
+
+    def __init__(self, solver):
+        self.solver = solver
+        self.kind = "SGD" if type(solver).__name__ == "SGDSolver" else "Nesterov"
+        self._build()
+
+    def _build(self) -> None:
+        solver = self.solver
+        xp, dtype = solver._xp, solver.dtype
+        params = solver.net.learnable_params
+        n = len(params)
+        self.data_mem = _unique([b._data for b in params])
+        self.diff_mem = _unique([b._diff for b in params])
+        if len(self.data_mem) != n or len(self.diff_mem) != n:
+            raise RuntimeError("learnable parameters share memory")  # Net lists each owner once
+        self.hist_mem = [b._data for b in solver.history[:n]]
+        self.w, offsets = arena(xp, self.data_mem, dtype)
+        self.diff, _ = arena(xp, self.diff_mem, dtype)
+        self.history, _ = arena(xp, self.hist_mem, dtype)
+        lr, decay = np.zeros(self.w.size, dtype), np.zeros(self.w.size, dtype)  # gaps: never move
+        for i, (offset, blob) in enumerate(zip(offsets, params)):
+            lr[offset:offset + blob.count] = solver._dt(solver.net.params_lr[i])
+            decay[offset:offset + blob.count] = solver.local_decay(i)
+        self.lr_mult, self.decay = xp.asarray(lr), xp.asarray(decay)
+        self._pointers = self._current_pointers()
+
+    def _current_pointers(self):
+        return [m._gpu.data.ptr if m._gpu is not None else 0
+                for m in (*self.data_mem, *self.diff_mem, *self.hist_mem)]
+
+    def apply(self, rate) -> None:
+        """One update with learning rate ``rate`` (the lr policy's value this iteration)."""
+        memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
+        if any(m._gpu is None or m._gpu.data.ptr != p for m, p in zip(memories, self._pointers)):
+            self._build()  # a blob was given new memory
+        for memory in memories:
+            # Values written on the host, or pending zeros (a parameter no backward reached),
+            # go to the device first; the kernel below then writes every buffer on the device.
+            if memory.head != HEAD_GPU or memory.zero_pending:
+                memory.mutable_gpu()
+        s = self.solver
+        fused_kernel(s._xp, *_KERNELS[self.kind])(
+            s._dt(s.param.momentum), s._dt(rate), s._dt(1) / s._dt(s.param.iter_size),
+            self.lr_mult, self.decay, self.w, self.history, self.diff)
+
+
+__all__ = ["FlatUpdate", "arena"]
