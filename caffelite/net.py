@@ -270,8 +270,8 @@ class Net:
         exc.args = (exc.format(),)
         return _locate(exc, self.source)
 
-    def forward_backward(self, *, host_loss: bool = True):
-        loss = self.forward(host_loss=host_loss)
+    def forward_backward(self, *, host_loss: bool = True, start: int = 0):
+        loss = self.forward(start, host_loss=host_loss)
         self.backward()
         return loss
 

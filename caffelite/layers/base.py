@@ -88,6 +88,11 @@ class Layer:
             self._rng = make_rng(self.ctx.seed, self.ctx.net_key, key)
         return self._rng
 
+    def refresh_device_inputs(self) -> None:
+        """Put this iteration's host-drawn values (random seeds) into the device scalars that
+        forward reads. Forward does it itself; a CUDA graph replay (solvers/cuda_graph.py)
+        calls it before each replay, since the replay runs no Python."""
+
     def make_blob(self, shape: Sequence[int], name: str = "") -> Blob:
         return Blob(shape, self.dtype, self.device, name=name or self.name)
 

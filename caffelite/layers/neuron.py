@@ -127,7 +127,7 @@ class TanHLayer(NeuronLayer):
 
 
 # splitmix64 of seed + i * golden ratio: 24 random bits -> u in [0, 1); kept when u >= ratio.
-_DROPOUT = ("unsigned long long z = seed + (unsigned long long)i * 0x9E3779B97F4A7C15ull; "
+_DROPOUT = ("unsigned long long z = seed[0] + (unsigned long long)i * 0x9E3779B97F4A7C15ull; "
             "z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull; z = (z ^ (z >> 27)) * 0x94D049BB133111EBull; "
             "z ^= z >> 31; float u = (float)(z >> 40) * (1.0f / 16777216.0f); "
             "multiplier = u >= ratio ? scale : (T)0; y = x * multiplier;")
@@ -154,6 +154,7 @@ class DropoutLayer(NeuronLayer):
         self.ratio = r
         self.scale = 1.0 / (1.0 - r)
         self._multiplier = None  # mask * scale, kept for backward
+        self._seed = None        # on a GPU: this forward's seed, a device scalar
 
     def forward(self, bottom, top):
         x, y = bottom[0].data, top[0].data
@@ -171,15 +172,23 @@ class DropoutLayer(NeuronLayer):
         self.xp.multiply(x, self._multiplier, out=y)
 
     def _forward_gpu(self, x, y) -> None:
-        """One kernel: the mask from a counter-based hash of (seed, element index), the seed drawn
-        from ``self.rng`` on the host (no device generator state, no host-device sync; a resumed
-        run draws the same masks)."""
+        """One kernel: the mask from a counter-based hash of (seed, element index). The seed is
+        drawn from ``self.rng`` on the host and passed in a device scalar (no device generator
+        state, no host-device sync; a resumed run draws the same masks). Inside a CUDA graph
+        capture the seed is left to ``refresh_device_inputs``, which runs before each replay."""
         if self._multiplier is None or self._multiplier.shape != x.shape:
             self._multiplier = self.xp.empty_like(x)
-        seed = np.uint64(self.rng.integers(2 ** 63))
-        fused_kernel(self.xp, "T x, uint64 seed, float32 ratio, T scale", "T y, T multiplier", _DROPOUT,
-                     "caffelite_dropout")(x, seed, np.float32(self.ratio), self.dtype.type(self.scale),
+        if self._seed is None:
+            self._seed = self.xp.zeros(1, np.uint64)
+        if not self.xp.cuda.get_current_stream().is_capturing():
+            self.refresh_device_inputs()
+        fused_kernel(self.xp, "T x, raw uint64 seed, float32 ratio, T scale", "T y, T multiplier", _DROPOUT,
+                     "caffelite_dropout")(x, self._seed, np.float32(self.ratio), self.dtype.type(self.scale),
                                           y, self._multiplier)
+
+    def refresh_device_inputs(self) -> None:
+        if self.phase == TRAIN and self._seed is not None:
+            self._seed.fill(np.uint64(self.rng.integers(2 ** 63)))  # a kernel argument: no copy, no sync
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

@@ -58,6 +58,7 @@ older than the newest K.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -131,6 +132,9 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
         self.iter = 0
         self.current_step = 0
         self.callbacks: list = []
+        self._stream = None
+        self._graph = None
+        self._graph_checked = False
         self.requested_early_exit = False
         self._stop_requested = self._snapshot_requested = False
         self.loss = None
@@ -223,8 +227,9 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
         was_deferring = DEFERRED.active
         DEFERRED.active = was_deferring or self.defer_loss
         try:
-            self._steps(stop_iter)
-            self._drain_losses()
+            with self._device_stream():
+                self._steps(stop_iter)
+                self._drain_losses()
         except backend.out_of_memory_types() as exc:
             self._pending_losses = []
             DEFERRED.clear()
@@ -240,7 +245,9 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
     def _steps(self, stop_iter: int) -> None:
         p = self.param
         while self.iter < stop_iter:
-            self.net.clear_param_diffs()
+            graph = self._step_graph()
+            if graph is None:
+                self.net.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
                     and (self.iter > 0 or p.test_initialization) and self.rank == 0):
                 self.test_all()
@@ -250,8 +257,14 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
             display = p.display and self.iter % p.display == 0
             if self.mixed is not None:
                 self.mixed.before_forward()
+            replayed = False
+            if graph is not None:
+                replayed = graph.run()
+                if not replayed:
+                    self.net.clear_param_diffs()
             if self.defer_loss:
-                self._forward_backward_on_device()
+                if not replayed:
+                    self._forward_backward_on_device(start=graph.prefix if graph is not None else 0)
                 if display:
                     self._drain_losses()
             else:
@@ -266,7 +279,7 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
             if display:
                 self._display()
             self._call("on_gradients_ready")
-            if self.mixed is None or self.mixed.after_backward(self.iter):
+            if not replayed and (self.mixed is None or self.mixed.after_backward(self.iter)):
                 self.apply_update()
             self.iter += 1
             self._call("on_iteration_end")
@@ -276,6 +289,27 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
             if stop_asked:
                 self.requested_early_exit = True
                 break
+
+    def _device_stream(self):
+        """On a GPU the solver works on a blocking stream of its own (a CUDA graph is recorded
+        on it; see cuda_graph.py); on the CPU, nothing."""
+        if not self.device.is_gpu:
+            return contextlib.nullcontext()
+        if self._stream is None:
+            with self._xp.cuda.Device(self.device.id):
+                self._stream = self._xp.cuda.Stream(non_blocking=False)
+        return self._stream
+
+    def _step_graph(self):
+        """The CUDA graph of a training iteration, once the first update has shown that it
+        applies (cuda_graph.py); None otherwise."""
+        if self._graph is None and self._flat_checked and not self._graph_checked:
+            from .cuda_graph import StepGraph  # noqa: PLC0415
+
+            self._graph_checked = True
+            if StepGraph.applies(self):
+                self._graph = StepGraph(self, self._device_stream())
+        return self._graph if self._graph is not None and not self._graph.failed else None
 
     # ---- requests and hooks -------------------------------------------------------------------------
     def request_stop(self) -> None:

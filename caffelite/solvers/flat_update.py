@@ -25,12 +25,12 @@ from ..blob import HEAD_GPU
 from ..kernels import fused_kernel
 
 _KERNELS = {
-    "SGD": ("T momentum, T rate, T norm, T lr_mult, T decay", "T w, T history, T diff",
-            "T g = diff * norm + decay * w; history = momentum * history + (rate * lr_mult) * g; "
+    "SGD": ("T momentum, raw T rate, T norm, T lr_mult, T decay", "T w, T history, T diff",
+            "T g = diff * norm + decay * w; history = momentum * history + (rate[0] * lr_mult) * g; "
             "diff = history; w -= history;", "caffelite_flat_sgd"),
-    "Nesterov": ("T momentum, T rate, T norm, T lr_mult, T decay", "T w, T history, T diff",
+    "Nesterov": ("T momentum, raw T rate, T norm, T lr_mult, T decay", "T w, T history, T diff",
                  "T g = diff * norm + decay * w; T previous = history; "
-                 "history = momentum * history + (rate * lr_mult) * g; "
+                 "history = momentum * history + (rate[0] * lr_mult) * g; "
                  "T step = (1 + momentum) * history - momentum * previous; diff = step; w -= step;",
                  "caffelite_flat_nesterov"),
 }
@@ -85,6 +85,7 @@ class FlatUpdate:
     def __init__(self, solver):
         self.solver = solver
         self.kind = "SGD" if type(solver).__name__ == "SGDSolver" else "Nesterov"
+        self.rate = solver._xp.zeros(1, solver.dtype)  # a device scalar: a CUDA graph replay reads it
         self._build()
 
     def _build(self) -> None:
@@ -111,8 +112,14 @@ class FlatUpdate:
         return [m._gpu.data.ptr if m._gpu is not None else 0
                 for m in (*self.data_mem, *self.diff_mem, *self.hist_mem)]
 
-    def apply(self, rate) -> None:
-        """One update with learning rate ``rate`` (the lr policy's value this iteration)."""
+    def set_rate(self, rate) -> None:
+        self.rate.fill(self.solver._dt(rate))  # a kernel argument: no copy, no sync
+
+    def apply(self, rate=None) -> None:
+        """One update with learning rate ``rate`` (the lr policy's value this iteration; None:
+        the one ``set_rate`` gave, as in a CUDA graph capture)."""
+        if rate is not None:
+            self.set_rate(rate)
         memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
         if any(m._gpu is None or m._gpu.data.ptr != p for m, p in zip(memories, self._pointers)):
             self._build()  # a blob was given new memory
@@ -123,7 +130,7 @@ class FlatUpdate:
                 memory.mutable_gpu()
         s = self.solver
         fused_kernel(s._xp, *_KERNELS[self.kind])(
-            s._dt(s.param.momentum), s._dt(rate), s._dt(1) / s._dt(s.param.iter_size),
+            s._dt(s.param.momentum), self.rate, s._dt(1) / s._dt(s.param.iter_size),
             self.lr_mult, self.decay, self.w, self.history, self.diff)
 
 

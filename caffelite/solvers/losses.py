@@ -27,14 +27,14 @@ LOSS_DRAIN = 100
 class LossTracking:
     """The smoothed loss of a ``Solver``, its display line and the pending device losses."""
 
-    def _forward_backward_on_device(self) -> None:
+    def _forward_backward_on_device(self, start: int = 0) -> None:
         """forward/backward x iter_size with the loss left on the device (no host round trip).
 
         The losses are read in one copy at display time, before a test or a snapshot, every
         ``LOSS_DRAIN`` iterations and when ``step`` returns; a NaN/Inf loss is reported then.
         """
         p = self.param
-        loss = self.net.forward_backward(host_loss=False)
+        loss = self.net.forward_backward(host_loss=False, start=start)
         for _ in range(p.iter_size - 1):
             loss = loss + self.net.forward_backward(host_loss=False)
         if p.iter_size != 1:
