@@ -13,6 +13,7 @@ The bottom is viewed as a matrix X of shape (M, K): M = count(:axis) rows
 from __future__ import annotations
 
 from ..fillers import fill
+from ..kernels import gemm
 from ..registry import register_layer
 from .base import Layer, check_not_in_place
 
@@ -67,7 +68,10 @@ class InnerProductLayer(Layer):
         xp = self.xp
         x = bottom[0].data.reshape(self.M, self.K)
         y = top[0].data.reshape(self.M, self.num_output)
-        xp.matmul(x, self._weight_t(self.blobs[0].data), out=y)
+        if self.device.is_gpu:
+            gemm.matmul(x, self._weight_t(self.blobs[0].data), y)
+        else:
+            xp.matmul(x, self._weight_t(self.blobs[0].data), out=y)
         if self.bias_term:
             y += self.blobs[1].data
 
@@ -78,7 +82,9 @@ class InnerProductLayer(Layer):
             x = bottom[0].data.reshape(self.M, self.K)
             a, b = (x.T, dy) if self.transpose else (dy.T, x)
             diff, overwrite = self.blobs[0].diff_for_update()
-            if overwrite:   # pending zeros: the GEMM writes the gradient in place
+            if self.device.is_gpu:  # cuBLAS adds into the diff itself (beta = 1)
+                gemm.matmul(a, b, diff, accumulate=not overwrite)
+            elif overwrite:   # pending zeros: the GEMM writes the gradient in place
                 xp.matmul(a, b, out=diff)
             elif diff.size <= KEEP_GRAD_BUFFER:
                 # A kept buffer saves the allocation (and its page faults) per pass.
@@ -92,4 +98,7 @@ class InnerProductLayer(Layer):
             self.blobs[1].add_to_diff(dy.sum(axis=0))
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
-            xp.matmul(dy, self._weight_t(self.blobs[0].data).T, out=dx)
+            if self.device.is_gpu:
+                gemm.matmul(dy, self._weight_t(self.blobs[0].data).T, dx)
+            else:
+                xp.matmul(dy, self._weight_t(self.blobs[0].data).T, out=dx)
