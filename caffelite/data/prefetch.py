@@ -62,9 +62,11 @@ def default_workers() -> int:
 class Batch:
     """One prefetch buffer: the batch index and its arrays (reallocated when shapes change)."""
 
-    __slots__ = ("index", "worker", "data", "label", "extra")
+    __slots__ = ("index", "worker", "data", "label", "extra", "allocate")
 
-    def __init__(self):
+    def __init__(self, allocate=np.empty):
+        #: Makes the buffers: ``np.empty``, or page-locked memory for a GPU (device_feed.py).
+        self.allocate = allocate
         self.index = -1
         self.worker = 0
         self.data: np.ndarray | None = None
@@ -75,7 +77,7 @@ class Batch:
         """The buffer ``name`` with this shape and dtype, reused when it already fits."""
         current = getattr(self, name) if name in ("data", "label") else self.extra.get(name)
         if current is None or current.shape != tuple(shape) or current.dtype != np.dtype(dtype):
-            current = np.empty(shape, dtype)
+            current = self.allocate(tuple(shape), np.dtype(dtype))
             if name in ("data", "label"):
                 setattr(self, name, current)
             else:
@@ -90,13 +92,13 @@ class Prefetcher:
     """
 
     def __init__(self, load: Callable[[int, Batch], None], depth: int = 4, start: int = 0,
-                 name: str = "prefetch", workers: int = 1):
+                 name: str = "prefetch", workers: int = 1, allocate=np.empty):
         # A weak reference, so an abandoned layer can be collected and its threads end.
         self._load = weakref.WeakMethod(load) if hasattr(load, "__self__") else (lambda: load)
         self.workers = max(1, int(workers))
         self.depth = max(1, int(depth), self.workers)
         self._cond = threading.Condition()
-        self._free = [Batch() for _ in range(self.depth)]
+        self._free = [Batch(allocate) for _ in range(self.depth)]
         self._next_index = start     # next index a worker takes
         self._want = start           # next index next() returns
         self._done: dict[int, object] = {}  # index -> Batch or the exception loading it raised

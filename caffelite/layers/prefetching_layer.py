@@ -74,6 +74,11 @@ class PrefetchingDataLayer(StreamLayer):
         self.depth = max(1, int(prefetch), self.workers + 1)
         self._prefetcher = None
         self._current = None
+        self._feed = None
+        if self.device.is_gpu:
+            from ..data.device_feed import DeviceFeed  # noqa: PLC0415 - GPU only
+
+            self._feed = DeviceFeed()
         self._start()
 
     def _start(self) -> None:
@@ -82,7 +87,8 @@ class PrefetchingDataLayer(StreamLayer):
         self._current = None
         self.reset_workers()
         self._prefetcher = Prefetcher(self.load_batch, self.depth, start=self.consumed,
-                                      name=self.name, workers=self.workers)
+                                      name=self.name, workers=self.workers,
+                                      allocate=self._feed.allocate if self._feed else np.empty)
 
     def reset_workers(self) -> None:
         """Called when the workers are (re)started, after the old ones have stopped."""
@@ -93,23 +99,25 @@ class PrefetchingDataLayer(StreamLayer):
     def forward(self, bottom, top):
         if self._prefetcher is None:
             raise self.error("is closed", hint="build the net again to read more data")
-        if self._current is not None:  # the top stops using it now
+        if self._current is not None:  # the top stops using it now (a GPU: its copy is done)
+            if self._feed is not None:
+                self._feed.wait_copied()
             self._prefetcher.release(self._current)
             self._current = None
         batch = self._prefetcher.next()
         if batch.index != self.consumed:  # the workers must deliver batches in order
             raise CaffeliteError(f"layer '{self.name}': got batch {batch.index}, expected {self.consumed}")
         # Caffe 1.0's hand-off: on the CPU the top uses the batch buffer itself until the next
-        # forward; on a GPU the assignment copies it to the device, and the buffer is free at once.
-        top[0].reshape(batch.data.shape)
-        top[0].data = batch.data
-        if len(top) > 1:
-            top[1].reshape(batch.label.shape)
-            top[1].data = batch.label
-        if self.device.is_gpu:
-            self._prefetcher.release(batch)
-        else:
-            self._current = batch
+        # forward; on a GPU the batch is copied into the top's own memory (device_feed.py) and
+        # the buffer is released at the next forward, once the copy is done.
+        tops = [(top[0], batch.data)] + ([(top[1], batch.label)] if len(top) > 1 else [])
+        for i, (blob, array) in enumerate(tops):
+            blob.reshape(array.shape)
+            if self._feed is not None:
+                self._feed.put(i, blob, array)
+            else:
+                blob.data = array
+        self._current = batch
         self.consumed += 1
 
     def load_state_dict(self, state: dict) -> None:

@@ -16,7 +16,7 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
                                 they are read
 
 Memory the recording uses comes from a pool of its own, which nothing else allocates from, so
-no other array can be given an address the graph writes to. A change of the data's shape
+no other array can be given an address the graph writes to. A change of the data's shape, or a parameter blob given new memory,
 records again. The graph is used only where it is exact: SGD or Nesterov through flat_update,
 no mixed precision, iter_size 1, one process, no Python or HDF5Output layer, no hooks; anything
 else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
@@ -81,6 +81,8 @@ class StepGraph:
             layer.reshape(net.bottom_vecs[i], net.top_vecs[i])
             layer.forward(net.bottom_vecs[i], net.top_vecs[i])
         shapes = tuple(tuple(blob.shape) for i in range(self.prefix) for blob in net.top_vecs[i])
+        if solver._flat.moved():  # a parameter got new memory: an ordinary iteration, then record again
+            shapes = None
         if self.graph is None or shapes != self.shapes:
             if self.shapes != shapes:  # first sight of these shapes: an ordinary iteration first
                 self.shapes, self.graph = shapes, None

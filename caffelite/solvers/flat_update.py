@@ -112,6 +112,11 @@ class FlatUpdate:
         return [m._gpu.data.ptr if m._gpu is not None else 0
                 for m in (*self.data_mem, *self.diff_mem, *self.hist_mem)]
 
+    def moved(self) -> bool:
+        """Whether a parameter blob was given memory outside the arenas since they were made."""
+        memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
+        return any(m._gpu is None or m._gpu.data.ptr != p for m, p in zip(memories, self._pointers))
+
     def set_rate(self, rate) -> None:
         self.rate.fill(self.solver._dt(rate))  # a kernel argument: no copy, no sync
 
@@ -121,7 +126,7 @@ class FlatUpdate:
         if rate is not None:
             self.set_rate(rate)
         memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
-        if any(m._gpu is None or m._gpu.data.ptr != p for m, p in zip(memories, self._pointers)):
+        if self.moved():
             self._build()  # a blob was given new memory
         for memory in memories:
             # Values written on the host, or pending zeros (a parameter no backward reached),
