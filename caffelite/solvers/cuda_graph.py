@@ -16,8 +16,8 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
                                 they are read
 
 Memory the recording uses comes from a pool of its own, which nothing else allocates from, so
-no other array can be given an address the graph writes to. A change of the data's shape, or a parameter blob given new memory,
-records again. The graph is used only where it is exact: SGD or Nesterov through flat_update,
+no other array can be given an address the graph writes to. A change of the data's shape, or a
+parameter blob given new memory, records again. The graph is used only where it is exact: SGD or Nesterov through flat_update,
 no mixed precision, iter_size 1, one process, no Python or HDF5Output layer, no hooks; anything
 else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
 
