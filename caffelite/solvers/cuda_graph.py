@@ -18,8 +18,9 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
 Memory the recording uses comes from a pool of its own, which nothing else allocates from, so
 no other array can be given an address the graph writes to. A change of the data's shape, or a
 parameter blob given new memory, records again. The graph is used only where it is exact: SGD or Nesterov through flat_update,
-no mixed precision, iter_size 1, one process, no Python or HDF5Output layer, no hooks; anything
-else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
+no mixed precision, iter_size 1, no Python or HDF5Output layer, no net hooks (debug_info) and
+no callback that changes the gradients (``on_gradients_ready``: multi-process training);
+anything else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
 
 Everything the solver does runs on one blocking CUDA stream of its own while it trains (tests
 and snapshots included), so work outside the graph stays ordered with the replays.
@@ -48,7 +49,8 @@ class StepGraph:
     def applies(solver) -> bool:
         net = solver.net
         if not (_enabled() and solver.device.is_gpu and solver._flat is not None
-                and solver.mixed is None and solver.param.iter_size == 1 and not solver.callbacks
+                and solver.mixed is None and solver.param.iter_size == 1
+                and not any(hasattr(c, "on_gradients_ready") for c in solver.callbacks)
                 and not net.after_forward and not net.after_backward):
             return False
         if any(layer.type in UNSAFE_TYPES for layer in net.layers):
