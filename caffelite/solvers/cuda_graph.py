@@ -13,7 +13,7 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
                                 one-kernel parameter update (flat_update.py)
     after each replay           the loss and the layers' deferred checks (labels in range) are
                                 copied out, so that the next replay cannot overwrite them before
-                                they are read
+                                they are read; every blob's host copy is marked stale
 
 Memory the recording uses comes from a pool of its own, which nothing else allocates from, so
 no other array can be given an address the graph writes to. A change of the data's shape, or a
@@ -31,6 +31,7 @@ import logging
 import os
 
 from ..backend import DEFERRED
+from ..blob import HEAD_GPU, SYNCED
 from ..errors import CaffeliteError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class StepGraph:
         self.shapes = None
         self.loss = None
         self.deferred: list = []
+        self.written: list = []  # SyncedMemory of every blob a replay may write
         self.refreshers = [layer for layer in solver.net.layers
                            if type(layer).refresh_device_inputs is not _base_refresh()]
         self.failed = False
@@ -101,6 +103,9 @@ class StepGraph:
         for layer in self.refreshers:
             layer.refresh_device_inputs()
         self.graph.launch(self.stream)
+        for memory in self.written:  # the replay wrote them on the device behind the Blobs' back
+            if memory.head == SYNCED:
+                memory.head = HEAD_GPU
         solver._pending_losses.append((solver.iter, self.loss.copy()))
         for flag, details, make_error in self.deferred:
             DEFERRED.add(flag.copy(), tuple(d.copy() for d in details), make_error)
@@ -127,6 +132,8 @@ class StepGraph:
                 return False
             graph = self.stream.end_capture()
         self.graph, self.loss = graph, loss
+        blobs = [*net.blobs.values(), *(b for layer in net.layers for b in layer.blobs), *solver.history]
+        self.written = list({id(m): m for b in blobs for m in (b._data, b._diff)}.values())
         self.deferred = DEFERRED._items[pending:]
         del DEFERRED._items[pending:]  # recorded, not run: they are re-added after each replay
         log.info("Training iterations of net '%s' run as one CUDA graph from iteration %d",

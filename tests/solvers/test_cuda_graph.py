@@ -40,14 +40,15 @@ def train(monkeypatch, graphs: bool):
                             snapshot_after_train=False)
     sp.net_param.CopyFrom(text_format.Parse(NET, pb.NetParameter()))
     solver = create_solver(sp, device=Device.gpu(0))
-    losses = []
+    losses, tops = [], []
     for _ in range(12):
         losses.append(float(solver.step(1)))
+        tops.append(solver.net.blobs["loss"].cpu_data().item())  # the host copy follows the replays
     recorded = solver._graph is not None and solver._graph.graph is not None
     weights = [p.cpu_data().copy() for p in solver.net.learnable_params]
     stats = [b.cpu_data().copy() for b in solver.net.layer_by_name["bn"].blobs]
     solver.close()
-    return recorded, losses, weights, stats
+    return recorded, losses + tops, weights, stats
 
 
 def test_graph_replays_train_like_step_by_step(monkeypatch):
