@@ -347,7 +347,10 @@ def _gpu() -> bool:
     return True
 
 
-needs_gpu = pytest.mark.skipif(not _gpu(), reason="needs CuPy with a CUDA device and NCCL")
+def needs_gpu(test):
+    """A GPU test (``-m gpu``), skipped cleanly without CuPy, a CUDA device and NCCL."""
+    test = pytest.mark.skipif(not _gpu(), reason="needs CuPy with a CUDA device and NCCL")(test)
+    return pytest.mark.gpu(test)
 
 
 @needs_gpu
