@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.channel import NULL, ChannelOps
 from ..registry import register_layer
 from .base import TEST, Layer
 from .scale_bias import keep_copy, sum_outer_inner
@@ -78,8 +79,6 @@ class BatchNormLayer(Layer):
 
     def _gpu_ops(self):
         if self._gpu is None:
-            from ..kernels.channel import ChannelOps  # noqa: PLC0415 - GPU only
-
             self._gpu = ChannelOps(self.dtype)
         return self._gpu
 
@@ -126,8 +125,6 @@ class BatchNormLayer(Layer):
     def _forward_gpu(self, bottom, top) -> None:
         """The module doc's formulas in three kernels (statistics in float32 for float16 and
         bfloat16: their sums would overflow): partial sums, statistics, normalisation."""
-        from ..kernels.channel import NULL  # noqa: PLC0415
-
         ops = self._gpu_ops()
         outer, dim, inner = dims = self._dims(bottom)
         x, y = bottom.data, top.data
@@ -152,8 +149,6 @@ class BatchNormLayer(Layer):
                                                  np.int64(inner), y, keep))
 
     def _backward_gpu(self, top, bottom) -> None:
-        from ..kernels.channel import NULL  # noqa: PLC0415
-
         ops = self._gpu_ops()
         outer, dim, inner = dims = self._dims(bottom)
         dy, dx = top.diff, bottom.diff

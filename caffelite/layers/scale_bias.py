@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..fillers import fill
+from ..kernels.channel import NULL, ChannelOps
 from ..proto import pb
 from ..registry import register_layer
 from .base import Layer
@@ -62,18 +63,6 @@ def sum_outer_inner(xp, a, b=None):
     return xp.einsum("ods,ods->d", a, b)
 
 
-def _channel_ops(dtype):
-    from ..kernels.channel import ChannelOps  # noqa: PLC0415 - GPU only
-
-    return ChannelOps(dtype)
-
-
-def _null():
-    from ..kernels.channel import NULL  # noqa: PLC0415
-
-    return NULL
-
-
 def _affine(ops, x, s, b, dims, y, keep) -> None:
     """y = x * s[c] (+ b[c]) on the GPU for (outer, dim, inner) ``dims``; keep = x if given."""
     outer, dim, inner = dims
@@ -88,7 +77,7 @@ def _write_grads(ops, dim: int, bias, bias_accumulates: bool, scale, scale_accum
     args = []
     for blob, accumulates in ((bias, bias_accumulates), (scale, scale_accumulates)):
         if blob is None:
-            args += [_null(), np.int32(0)]
+            args += [NULL, np.int32(0)]
             continue
         if accumulates:
             diff, overwrite = blob.diff_for_update()
@@ -155,9 +144,7 @@ class ScaleLayer(Layer):
 
     def _forward_gpu(self, bottom, top) -> None:
         """One kernel: y = x * s (+ b), keeping x when in place."""
-        from ..kernels.channel import NULL  # noqa: PLC0415
-
-        self._gpu = self._gpu or _channel_ops(self.dtype)
+        self._gpu = self._gpu or ChannelOps(self.dtype)
         x = bottom[0].data
         keep = NULL
         if top[0] is bottom[0]:
@@ -169,7 +156,7 @@ class ScaleLayer(Layer):
 
     def _backward_gpu(self, top, propagate_down, bottom) -> None:
         """One reduction for the scale and bias gradients, one map for dx."""
-        ops = self._gpu = self._gpu or _channel_ops(self.dtype)
+        ops = self._gpu = self._gpu or ChannelOps(self.dtype)
         dy = top[0].diff
         learned = len(bottom) == 1
         scale = self._scale_blob(bottom)
@@ -181,8 +168,6 @@ class ScaleLayer(Layer):
             bias = self.blobs[self.bias_id] if want_db else None
             _write_grads(ops, self.dims[1], bias, True, scale if want_ds else None, learned)
         if propagate_down[0]:
-            from ..kernels.channel import NULL  # noqa: PLC0415
-
             # In place dx is dy's memory: the sums above have already read dy.
             _affine(ops, dy, scale.data, NULL, self.dims, bottom[0].diff, NULL)
 
@@ -241,8 +226,8 @@ class BiasLayer(Layer):
         bias = self._bias_blob(bottom)
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
             if self.device.is_gpu:
-                self._gpu = self._gpu or _channel_ops(self.dtype)
-                self._gpu.partial_sums(top[0].diff, _null(), self.dims, shift=False)
+                self._gpu = self._gpu or ChannelOps(self.dtype)
+                self._gpu.partial_sums(top[0].diff, NULL, self.dims, shift=False)
                 _write_grads(self._gpu, self.dims[1], bias, learned, None, learned)
             else:
                 db = sum_outer_inner(self.xp, top[0].diff.reshape(self.dims)).reshape(bias.shape)

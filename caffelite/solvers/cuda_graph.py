@@ -17,10 +17,10 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
 
 Memory the recording uses comes from a pool of its own, which nothing else allocates from, so
 no other array can be given an address the graph writes to. A change of the data's shape, or a
-parameter blob given new memory, records again. The graph is used only where it is exact: SGD or Nesterov through flat_update,
-no mixed precision, iter_size 1, no Python or HDF5Output layer, no net hooks (debug_info) and
-no callback that changes the gradients (``on_gradients_ready``: multi-process training);
-anything else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
+parameter blob given new memory, records again. The graph is used only where it is exact:
+SGD or Nesterov through flat_update, no mixed precision, iter_size 1, no Python or HDF5Output
+layer, no net hooks (debug_info) and no callback that changes the gradients
+(``on_gradients_ready``: multi-process training); anything else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
 
 Everything the solver does runs on one blocking CUDA stream of its own while it trains (tests
 and snapshots included), so work outside the graph stays ordered with the replays.
@@ -94,12 +94,7 @@ class StepGraph:
             if not self._record():
                 self.failed = True
                 return False
-        rate = solver.get_learning_rate()
-        if solver.param.display and solver.iter % solver.param.display == 0:
-            from ..log import g  # noqa: PLC0415
-
-            log.info("Iteration %d, lr = %s", solver.iter, g(solver._dt(rate)))
-        solver._flat.set_rate(rate)
+        solver._flat.set_rate(solver.update_rate())
         for layer in self.refreshers:
             layer.refresh_device_inputs()
         self.graph.launch(self.stream)

@@ -98,6 +98,7 @@ class FlatUpdate:
         if len(self.data_mem) != n or len(self.diff_mem) != n:
             raise RuntimeError("learnable parameters share memory")  # Net lists each owner once
         self.hist_mem = [b._data for b in solver.history[:n]]
+        self.memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
         self.w, offsets = arena(xp, self.data_mem, dtype)
         self.diff, _ = arena(xp, self.diff_mem, dtype)
         self.history, _ = arena(xp, self.hist_mem, dtype)
@@ -109,13 +110,11 @@ class FlatUpdate:
         self._pointers = self._current_pointers()
 
     def _current_pointers(self):
-        return [m._gpu.data.ptr if m._gpu is not None else 0
-                for m in (*self.data_mem, *self.diff_mem, *self.hist_mem)]
+        return [m._gpu.data.ptr if m._gpu is not None else 0 for m in self.memories]
 
     def moved(self) -> bool:
         """Whether a parameter blob was given memory outside the arenas since they were made."""
-        memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
-        return any(m._gpu is None or m._gpu.data.ptr != p for m, p in zip(memories, self._pointers))
+        return any(m._gpu is None or m._gpu.data.ptr != p for m, p in zip(self.memories, self._pointers))
 
     def set_rate(self, rate) -> None:
         self.rate.fill(self.solver._dt(rate))  # a kernel argument: no copy, no sync
@@ -125,10 +124,9 @@ class FlatUpdate:
         the one ``set_rate`` gave, as in a CUDA graph capture)."""
         if rate is not None:
             self.set_rate(rate)
-        memories = (*self.data_mem, *self.diff_mem, *self.hist_mem)
         if self.moved():
             self._build()  # a blob was given new memory
-        for memory in memories:
+        for memory in self.memories:
             # Values written on the host, or pending zeros (a parameter no backward reached),
             # go to the device first; the kernel below then writes every buffer on the device.
             if memory.head != HEAD_GPU or memory.zero_pending:

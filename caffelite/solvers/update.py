@@ -41,10 +41,15 @@ class ParameterUpdate:
         self.current_step = step
         return rate
 
-    def apply_update(self) -> None:
+    def update_rate(self):
+        """This iteration's learning rate, logged on display iterations as Caffe does."""
         rate = self.get_learning_rate()
         if self.param.display and self.iter % self.param.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, g(self._dt(rate)))
+        return rate
+
+    def apply_update(self) -> None:
+        rate = self.update_rate()
         if self._flat_update():
             self._flat.apply(rate)
             return
