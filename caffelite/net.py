@@ -20,6 +20,7 @@ from .blob import Blob
 from .errors import CaffeliteError, ConfigError
 from .layers.base import TEST, TRAIN, Layer, LayerContext
 from .io.blob_proto import array_to_blob_proto, blob_proto_to_array, shape_matches
+from .kernels.mixed import seed_loss_diff
 from .net_state import filter_net, insert_splits, make_state
 from .proto import pb
 from .registry import layer_class
@@ -67,7 +68,8 @@ class Net:
         self.layer_need_backward: list[bool] = []
         self.blob_loss_weights: dict[str, float] = {}
         self._loss_tops: list[tuple[int, Blob, float]] = []
-        #: Mixed precision: the loss-layer top diffs start at loss_weight * loss_scale.
+        #: Mixed precision: the loss-layer top diffs start at loss_weight * loss_scale (a float,
+        #: or a one-element device array the GPU reads: solvers/mixed_precision.py).
         self.loss_scale = 1.0
         # Called with the layer index after each layer's forward / backward (debug_info,
         # gradient all-reduce overlapped with backward).
@@ -253,7 +255,10 @@ class Net:
         """Backward through every layer that needs it; ``after_backward`` hooks see each index."""
         scale = self.loss_scale
         for _, blob, weight in self._loss_tops:
-            blob.diff[...] = weight if scale == 1 else weight * scale
+            if isinstance(scale, (int, float)):
+                blob.diff[...] = weight if scale == 1 else weight * scale
+            else:  # mixed precision on a GPU: S is a device scalar (kernels/mixed.py)
+                seed_loss_diff(blob.diff, scale, weight)
         i = len(self.layers) - 1
         try:
             for i in reversed(range(len(self.layers))):

@@ -279,7 +279,10 @@ class Solver(SolverSetup, LossTracking, ParameterUpdate, SolverTesting, Checkpoi
             if display:
                 self._display()
             self._call("on_gradients_ready")
-            if not replayed and (self.mixed is None or self.mixed.after_backward(self.iter)):
+            # With mixed precision the host checks for overflow, unless the device update does
+            # (flat_update.py: then nothing here waits for the GPU).
+            if not replayed and (self.mixed is None or self._flat_update()
+                                 or self.mixed.after_backward(self.iter)):
                 self.apply_update()
             self.iter += 1
             self._call("on_iteration_end")

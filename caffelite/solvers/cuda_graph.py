@@ -10,7 +10,8 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
                                 layer's ``refresh_device_inputs`` (Dropout's seed); the learning
                                 rate into the update's device scalar
     recorded (the graph)        every other layer's forward, the loss, backward, and the
-                                one-kernel parameter update (flat_update.py)
+                                one-kernel parameter update (flat_update.py; with mixed
+                                precision also the overflow check and the loss scale's change)
     after each replay           the loss and the layers' deferred checks (labels in range) are
                                 copied out, so that the next replay cannot overwrite them before
                                 they are read; every blob's host copy is marked stale
@@ -18,9 +19,10 @@ recording: one call instead of hundreds. What is recorded, and what still runs i
 Memory the recording uses comes from a pool of its own, which nothing else allocates from, so
 no other array can be given an address the graph writes to. A change of the data's shape, or a
 parameter blob given new memory, records again. The graph is used only where it is exact:
-SGD or Nesterov through flat_update, no mixed precision, iter_size 1, no Python or HDF5Output
-layer, no net hooks (debug_info) and no callback that changes the gradients
-(``on_gradients_ready``: multi-process training); anything else trains as before. ``CAFFELITE_CUDA_GRAPH=0`` turns it off.
+SGD or Nesterov through flat_update (float32 or mixed precision), iter_size 1, no Python or
+HDF5Output layer, no net hooks (debug_info) and no callback that changes the gradients
+(``on_gradients_ready``: multi-process training); anything else trains as before.
+``CAFFELITE_CUDA_GRAPH=0`` turns it off.
 
 Everything the solver does runs on one blocking CUDA stream of its own while it trains (tests
 and snapshots included), so work outside the graph stays ordered with the replays.
@@ -50,7 +52,7 @@ class StepGraph:
     def applies(solver) -> bool:
         net = solver.net
         if not (_enabled() and solver.device.is_gpu and solver._flat is not None
-                and solver.mixed is None and solver.param.iter_size == 1
+                and solver.param.iter_size == 1
                 and not any(hasattr(c, "on_gradients_ready") for c in solver.callbacks)
                 and not net.after_forward and not net.after_backward):
             return False
@@ -127,7 +129,8 @@ class StepGraph:
                 return False
             graph = self.stream.end_capture()
         self.graph, self.loss = graph, loss
-        blobs = [*net.blobs.values(), *(b for layer in net.layers for b in layer.blobs), *solver.history]
+        blobs = [*net.blobs.values(), *(b for layer in net.layers for b in layer.blobs),
+                 *solver.learnable_params, *solver.history]  # the float32 masters, if mixed
         self.written = list({id(m): m for b in blobs for m in (b._data, b._diff)}.values())
         self.deferred = DEFERRED._items[pending:]
         del DEFERRED._items[pending:]  # recorded, not run: they are re-added after each replay

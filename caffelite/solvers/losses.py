@@ -47,6 +47,8 @@ class LossTracking:
         """Move the pending device losses to the host (one copy), check them, smooth them; raise
         what a layer's deferred check (labels out of range, ...) found meanwhile."""
         DEFERRED.raise_first()
+        if self.mixed is not None:
+            self.mixed.report()  # overflows the device update skipped
         pending, self._pending_losses = self._pending_losses, []
         if not pending:
             return

@@ -23,6 +23,13 @@ Parameters with lr_mult 0 (BatchNorm statistics, frozen layers) are never moved 
 and BatchNorm changes its statistics itself in forward: their copy in the compute-dtype net is
 the real one, and the master copy is refreshed from it before a snapshot.
 
+On a GPU with SGD or Nesterov (solvers/flat_update.py) the same iteration runs on the device: S
+and the scaler's counters live in a device array, the loss tops' diffs start from it, and the
+check, the update and the scale's change are kernels (kernels/mixed.py), so nothing waits for
+the GPU and a float16 or bfloat16 iteration is recorded as a CUDA graph like a float32 one.
+Overflows are then logged when the solver reads the losses (at display time, before tests and
+snapshots, and every LOSS_DRAIN iterations), with the iterations they happened at.
+
 Snapshots write the float32 master weights (the caffemodel stays Caffe-compatible and keeps full
 precision), the float32 history, and the scaler state in caffelite's sidecar, so a resumed run
 continues exactly like an uninterrupted one.
@@ -34,10 +41,20 @@ import logging
 
 import numpy as np
 
+from ..backend import to_numpy
 from ..blob import Blob
+from ..errors import TrainingError
+from ..kernels import mixed as kernels
 from ..log import g
 
 log = logging.getLogger(__name__)
+
+
+def overflow_at_scale_one(iteration: int, scale: float) -> TrainingError:
+    """The gradients overflowed at loss scale ``scale`` (1), where halving cannot help."""
+    return TrainingError(f"iteration {iteration}: the gradients overflow even with loss scale {g(scale)}",
+                         hint="the training diverged: lower base_lr, set clip_gradients, "
+                              "or train in float32 (compute_dtype: float32)")
 
 
 class LossScaler:
@@ -90,6 +107,8 @@ class MasterWeights:
                      g(param.loss_scale), self.compute_dtype.name, net.name, g(self.scaler.scale))
         self._flags = None
         self._unscale_kernel = None
+        self.device_state = None  # the scaler on the device (to_device), else None
+        self._reported = 0  # overflows the device state had counted at the last report
         log.info("Mixed precision: net '%s' computes in %s; %d float32 master parameter blobs; "
                  "loss scale %s (%s)", net.name, self.compute_dtype.name, len(self.params),
                  g(self.scaler.scale), "dynamic" if self.scaler.dynamic else "static")
@@ -143,7 +162,8 @@ class MasterWeights:
 
     # ---- one iteration ---------------------------------------------------------------------------
     def before_forward(self) -> None:
-        self.net.loss_scale = self.scaler.scale
+        if self.device_state is None:  # on the device the net reads S from device_state
+            self.net.loss_scale = self.scaler.scale
 
     def unscale(self) -> bool:
         """master.diff = net.diff / S; True when every gradient is finite (one device sync)."""
@@ -178,12 +198,7 @@ class MasterWeights:
             before = self.scaler.scale
             self.scaler.update(overflow=True)
             if self.scaler.scale < 1:
-                from ..errors import TrainingError  # noqa: PLC0415
-
-                raise TrainingError(f"iteration {iteration}: the gradients overflow even with loss "
-                                    f"scale {g(before)}",
-                                    hint="the training diverged: lower base_lr, set clip_gradients, "
-                                         "or train in float32 (compute_dtype: float32)")
+                raise overflow_at_scale_one(iteration, before)
             log.info("Iteration %d: gradient overflow, skipping the update; loss scale -> %s",
                      iteration, g(self.scaler.scale))
             return False
@@ -202,11 +217,65 @@ class MasterWeights:
                 data -= master.diff
         self.push()
 
+    # ---- the scaler on the device (flat_update.py, kernels/mixed.py) ------------------------------
+    def to_device(self) -> None:
+        """Move the scaler's state to the device; from now on the device update checks, skips
+        and rescales (``scaler_step``), and ``report`` logs what it did."""
+        if self.device_state is not None:
+            return
+        xp = self.xp
+        self.device_state = kernels.new_state(xp, self.scaler.scale, self.scaler.clean)
+        self.overflow = xp.zeros(1, np.int32)
+        self.iteration = xp.zeros(1, np.float64)
+        self.net.loss_scale = self.device_state[kernels.SCALE:kernels.SCALE + 1]
+        self._reported = 0
+
+    def scaler_step(self) -> None:
+        s = self.scaler
+        kernels.scaler_step(self.overflow, self.device_state, self.iteration, dynamic=s.dynamic,
+                            window=s.window, max_scale=s.max_scale)
+
+    def _read_device_state(self):
+        """The device state on the host (one small copy); the host scaler follows it."""
+        state = to_numpy(self.device_state)
+        self.scaler.scale, self.scaler.clean = float(state[kernels.SCALE]), int(state[kernels.CLEAN])
+        return state
+
+    def report(self) -> None:
+        """Log the overflows and scale changes the device made since the last report; an
+        overflow at loss scale 1 is a TrainingError, as on the host path."""
+        if self.device_state is None:
+            return
+        before = self.scaler.scale
+        state = self._read_device_state()
+        new = int(state[kernels.OVERFLOWS]) - self._reported
+        scale = self.scaler.scale
+        if new:
+            self._reported += new
+            self.device_state[kernels.FIRST:kernels.FIRST + 1].fill(-1)
+            first, last = int(state[kernels.FIRST]), int(state[kernels.LAST])
+            if self.scaler.dynamic and scale < 1:
+                raise overflow_at_scale_one(last, scale * 2)
+            if new == 1:
+                log.info("Iteration %d: gradient overflow, skipping the update; loss scale -> %s",
+                         last, g(scale))
+            else:
+                log.info("Iterations %d to %d: %d gradient overflows, updates skipped; loss scale -> %s",
+                         first, last, new, g(scale))
+        elif scale > before:
+            log.info("Loss scale -> %s (doubled after each %d iterations without overflow)",
+                     g(scale), self.scaler.window)
+
     def state_dict(self) -> dict:
+        if self.device_state is not None:
+            self._read_device_state()
         return {"compute_dtype": self.compute_dtype.name, **self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state)
+        if self.device_state is not None:
+            values = [self.scaler.scale, self.scaler.clean]
+            self.device_state[kernels.SCALE:kernels.CLEAN + 1] = self.xp.asarray(values, np.float64)
 
 
 __all__ = ["LossScaler", "MasterWeights"]

@@ -1,10 +1,13 @@
-"""Mixed precision on the CPU: float16 nets, float32 master weights, dynamic loss scaling,
-float32 snapshots, exact resume; bfloat16 refused on the CPU."""
+"""Mixed precision: float16 nets, float32 master weights, dynamic loss scaling, float32
+snapshots, exact resume; bfloat16 refused on the CPU. The last section runs on a GPU, where the
+overflow check, the update and the loss scale live on the device (flat_update.py,
+kernels/mixed.py); it is skipped cleanly without CuPy and a GPU."""
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from caffelite.backend import Device
 from caffelite.errors import ConfigError, TrainingError
 from caffelite.io.weights import load_weights, save_weights
 from caffelite.layers.base import DataLayer
@@ -12,7 +15,9 @@ from caffelite.io.blob_proto import blob_proto_to_array
 from caffelite.proto import pb
 from caffelite.registry import LAYERS, register_layer
 from caffelite.solvers.base import create_solver
+from caffelite.solvers.flat_update import FlatUpdate
 from caffelite.solvers.mixed_precision import LossScaler
+from conftest import gpu_ready
 
 N_ITEMS, DIM, CLASSES = 48, 8, 4
 
@@ -309,3 +314,92 @@ def test_pycaffe_copy_from_fills_the_masters(tmp_path):
     moved = [np.abs(a.cpu_data() - b.cpu_data()).max() for a, b in
              zip(source.net.learnable_params, solver.core.learnable_params)]
     assert max(moved) < 0.5
+
+
+# ---- on a GPU: the device update (no host round trip, recorded as a CUDA graph) ---------------
+def on_gpu(test):
+    test = pytest.mark.skipif(not gpu_ready(), reason="no GPU: CuPy is not installed or no CUDA "
+                                                      "device is visible")(test)
+    return pytest.mark.gpu(test)
+
+
+def gpu_solver(monkeypatch, *, device_update=True, graph=True, tmp_path=None, **fields):
+    monkeypatch.setenv("CAFFELITE_CUDA_GRAPH", "1" if graph else "0")
+    if not device_update:  # the per-parameter update, checked on the host every iteration
+        monkeypatch.setattr(FlatUpdate, "applies", staticmethod(lambda solver: False))
+    return create_solver(solver_param(tmp_path, compute_dtype="float16", **fields), device=Device.gpu(0))
+
+
+def state_of(solver):
+    return [[b.cpu_data().copy() for b in blobs]
+            for blobs in (solver.learnable_params, solver.history, solver.net.learnable_params)]
+
+
+def recorded(solver) -> bool:
+    return solver._graph is not None and solver._graph.graph is not None
+
+
+@pytest.mark.parametrize("type_", ["SGD", "Nesterov"])
+@on_gpu
+def test_device_update_equals_the_host_checked_update(monkeypatch, type_):
+    runs = []
+    for device_update in (False, True):
+        solver = gpu_solver(monkeypatch, device_update=device_update, type=type_, weight_decay=1e-3)
+        solver.step(12)
+        assert (solver._flat is not None) == device_update == recorded(solver)
+        runs.append(state_of(solver))
+        monkeypatch.undo()
+    for expected, got in zip(*runs):
+        for a, b in zip(expected, got):
+            np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "eager"])
+@on_gpu
+def test_device_overflow_is_skipped_logged_and_halves_the_scale(monkeypatch, logs, graph):
+    solver = gpu_solver(monkeypatch, graph=graph, loss_scale=1024)
+    solver.step(3)
+    before = state_of(solver)
+    # weight * S is Inf in float16 for S = 2^18 and 2^17 and 2^16: three skipped updates.
+    solver.mixed.device_state[0] = 2.0 ** 18
+    solver.step(3)
+    assert recorded(solver) == graph
+    for expected, got in zip(before[:2], state_of(solver)[:2]):  # masters and history
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
+    assert solver.mixed.scaler.scale == 32768
+    assert "Iterations 3 to 5: 3 gradient overflows, updates skipped; loss scale -> 32768" in logs
+    solver.step(1)  # a clean iteration updates again
+    assert any(not np.array_equal(a, b) for a, b in zip(before[0], state_of(solver)[0]))
+    assert solver.mixed.scaler.scale == 32768 and solver.mixed.scaler.clean == 1
+
+
+@on_gpu
+def test_device_overflow_at_scale_one_is_a_training_error(monkeypatch):
+    solver = gpu_solver(monkeypatch, loss_scale=1)
+    solver.callbacks.append(InjectOverflow([1]))
+    solver.step(1)
+    with pytest.raises(TrainingError, match="iteration 1: the gradients overflow even with loss scale 1"):
+        solver.step(1)
+
+
+@pytest.mark.parametrize("inject", [[], [3, 9]], ids=["graph", "overflows"])
+@on_gpu
+def test_device_scaler_resumes_exactly(monkeypatch, tmp_path, inject):
+    def run(folder, resume=None):
+        folder.mkdir()
+        solver = gpu_solver(monkeypatch, tmp_path=folder, loss_scale=512, loss_scale_window=4,
+                            max_iter=14, snapshot=7, type="Nesterov")
+        if inject:
+            solver.callbacks.append(InjectOverflow(inject))
+        solver.solve(resume)
+        assert solver._flat is not None and recorded(solver) == (not inject)
+        return solver
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "mp_iter_7.solverstate"))
+    assert whole.iter == resumed.iter == 14
+    assert whole.mixed.scaler.state_dict() == resumed.mixed.scaler.state_dict()
+    for expected, got in zip(state_of(whole), state_of(resumed)):
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
