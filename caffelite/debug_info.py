@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from . import fusion
 from .log import g
 from .net import Net
 
@@ -39,5 +40,6 @@ def attach(net: Net) -> None:
             if net.layers[i].param_propagate_down[j]:
                 log.info("    [Backward] Layer %s, param blob %d diff: %s", name, j, g(_mean_abs(blob.diff)))
 
+    fusion.unfuse(net)  # each layer's own output is logged
     net.after_forward.append(after_forward)
     net.after_backward.append(after_backward)

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import fusion
 from .backend import CPU, Device
 from .blob import Blob
 from .errors import CaffeliteError, ConfigError
@@ -100,6 +101,7 @@ class Net:
         self.output_blobs = [self.blobs[n] for n in self.output_blob_names]
         self._param_state.share_weights()
         self.layer_by_name = dict(zip(self.layer_names, self.layers))
+        fusion.fuse(self)  # BatchNorm + Scale pairs, on a GPU
 
     def _append_layer(self, layer_id: int, lp, available: set, blob_need_backward: dict) -> None:
         """Create one layer, wire its bottoms and tops, set it up, register its params."""

@@ -22,6 +22,27 @@ from ..backend import cupy_module
 from . import BLOCK, NULL, acc_dtype, blocks, compiled
 
 SOURCE = r"""
+// q = i / d and r = i % d in 32-bit arithmetic when both fit (64-bit division is a long
+// software sequence on a GPU, and these kernels run it per element).
+__device__ __forceinline__ void divmod(long long i, long long d, long long& q, long long& r) {
+    if (i < 4294967296LL && d < 4294967296LL) {
+        unsigned int q32 = (unsigned int)i / (unsigned int)d;
+        q = q32;
+        r = (unsigned int)i - q32 * (unsigned int)d;
+    } else {
+        q = i / d;
+        r = i - q * d;
+    }
+}
+
+// The channel of element i of an (outer, dim, inner) array.
+__device__ __forceinline__ int channel_at(long long i, int dim, long long inner) {
+    long long q, r;
+    divmod(i, inner, q, r);
+    if (q < 4294967296LL) return (int)((unsigned int)q % (unsigned int)dim);
+    return (int)(q % dim);
+}
+
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
     return v;
@@ -53,8 +74,9 @@ extern "C" __global__ void channel_partial_sums(
     acc_t k = shift ? ld(a[(long long)c * inner]) : (acc_t)0;
     acc_t s0 = 0, s1 = 0;
     for (long long i = threadIdx.x; i < count; i += blockDim.x) {
-        long long o = o0 + i / inner;
-        long long idx = (o * dim + c) * inner + i % inner;
+        long long o, j;
+        divmod(i, inner, o, j);
+        long long idx = ((o0 + o) * dim + c) * inner + j;
         acc_t d = ld(a[idx]) - k;
         s0 += d;
         s1 += d * (b ? ld(b[idx]) : d);
@@ -108,16 +130,18 @@ extern "C" __global__ void bn_global_stats(
     inv_std[c] = (acc_t)1 / sqrt(ld(var_sum[c]) * inv + eps);
 }
 
-// y = (x - mean[c]) * inv_std[c]; also into keep (the normalised copy backward reads) if given.
+// xn = (x - mean[c]) * inv_std[c], into keep (the normalised copy backward reads) if given;
+// y = xn, or with a fused Scale (caffelite/fusion.py) y = xn * s[c] + b[c] (b may be NULL).
 extern "C" __global__ void bn_normalize(
         const T* x, const acc_t* mean, const acc_t* inv_std, long long n, int dim, long long inner,
-        T* y, T* keep) {
+        T* y, T* keep, const T* s, const T* b) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int c = (int)((i / inner) % dim);
+        int c = channel_at(i, dim, inner);
         T v = st((ld(x[i]) - mean[c]) * inv_std[c]);
-        y[i] = v;
         if (keep) keep[i] = v;
+        if (s) v = st(ld(v) * ld(s[c]) + (b ? ld(b[c]) : (acc_t)0));
+        y[i] = v;
     }
 }
 
@@ -133,16 +157,19 @@ extern "C" __global__ void channel_means(const acc_t* partial, int dim, int part
 }
 
 // BatchNorm backward: dx = (dy - mean(dy) - xn * mean(dy * xn)) * inv_std in TRAIN (means from
-// channel_means), dx = dy * inv_std with global statistics (means NULL). dx may be dy.
+// channel_means), dx = dy * inv_std with global statistics (means NULL); times s[c] with a fused
+// Scale (s not NULL: dy is then the Scale's top diff). dx may be dy.
 extern "C" __global__ void bn_backward(
         const T* dy, const T* xn, const acc_t* means, const acc_t* inv_std, long long n, int dim,
-        long long inner, T* dx) {
+        long long inner, T* dx, const T* s) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int c = (int)((i / inner) % dim);
+        int c = channel_at(i, dim, inner);
         acc_t g = ld(dy[i]);
         if (means) g -= means[c] + ld(xn[i]) * means[dim + c];
-        dx[i] = st(g * inv_std[c]);
+        g *= inv_std[c];
+        if (s) g *= ld(s[c]);
+        dx[i] = st(g);
     }
 }
 
@@ -151,7 +178,7 @@ extern "C" __global__ void channel_affine(
         const T* x, const T* s, const T* b, long long n, int dim, long long inner, T* y, T* keep) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int c = (int)((i / inner) % dim);
+        int c = channel_at(i, dim, inner);
         acc_t v = ld(x[i]);
         if (keep) keep[i] = x[i];
         if (s) v *= ld(s[c]);

@@ -32,6 +32,8 @@ class BatchNormLayer(Layer):
     num_bottom = 1
     num_top = 1
     param_name = "batch_norm_param"
+    #: The in-place Scale layer after this one that it computes with on a GPU (fusion.py).
+    fused_scale = None
 
     def setup(self, bottom, top):
         p = self.param
@@ -145,23 +147,30 @@ class BatchNormLayer(Layer):
                 self.x_norm = self.xp.empty_like(x)
             keep = self.x_norm
         self.inv_std = inv_std
+        scale, bias = NULL, NULL
+        if self.fused_scale is not None:  # y = xn * s + b: the Scale's forward (fusion.py)
+            scale, bias = self.fused_scale.scale_and_bias()
         ops.elementwise("bn_normalize", x.size, (x, mean, inv_std, np.int64(x.size), np.int32(dim),
-                                                 np.int64(inner), y, keep))
+                                                 np.int64(inner), y, keep, scale, bias))
 
     def _backward_gpu(self, top, bottom) -> None:
         ops = self._gpu_ops()
         outer, dim, inner = dims = self._dims(bottom)
         dy, dx = top.diff, bottom.diff
+        fused = self.fused_scale
         if self.use_global_stats:
             means = NULL
         else:
-            partial = ops.partial_sums(dy, self.x_norm, dims, shift=False)
+            # Fused: the Scale's backward summed dy and dy * xn already (fusion.py).
+            partial, parts = (fused.sums if fused is not None else
+                              (ops.partial_sums(dy, self.x_norm, dims, shift=False), ops.parts))
             means = ops.buffer("means", (2, dim))
-            ops.per_channel("channel_means", dim, (partial, np.int32(dim), np.int32(ops.parts),
+            ops.per_channel("channel_means", dim, (partial, np.int32(dim), np.int32(parts),
                                                    ops.scalar(1.0 / (outer * inner)), means))
         ops.elementwise("bn_backward", dy.size, (dy, self.x_norm if self.x_norm is not None else NULL,
                                                  means, self.inv_std, np.int64(dy.size), np.int32(dim),
-                                                 np.int64(inner), dx))
+                                                 np.int64(inner), dx,
+                                                 fused.blobs[0].data if fused is not None else NULL))
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:

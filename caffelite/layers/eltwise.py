@@ -7,9 +7,15 @@
 
 MAX breaks ties as Caffe's CPU code does: bottom 1 beats bottom 0 on a tie,
 and a later bottom (2, 3, ...) replaces the winner only when strictly larger.
+
+On a GPU the common SUM (two bottoms, no coefficients: ResNet's shortcut) is one kernel each
+way: y = a + b forward, and backward one pass that reads dy once and writes both bottoms' diffs.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from ..kernels import fused_kernel
 from ..proto import pb
 from ..registry import register_layer
 from .base import Layer, check_not_in_place
@@ -47,10 +53,15 @@ class EltwiseLayer(Layer):
                                  hint="Eltwise needs bottoms of identical shape")
         top[0].reshape(shape)
 
+    def _plain_pair_on_gpu(self) -> bool:
+        return self.op == SUM and len(self.coeff) == 2 and self.coeff == [1.0, 1.0] and self.xp is not np
+
     def forward(self, bottom, top):
         xp = self.xp
         out = top[0].data
-        if self.op == SUM:
+        if self._plain_pair_on_gpu():
+            fused_kernel(xp, "T a, T b", "T y", "y = a + b", "caffelite_sum2")(bottom[0].data, bottom[1].data, out)
+        elif self.op == SUM:
             self._weighted(bottom[0].data, self.coeff[0], out)
             for b, c in zip(bottom[1:], self.coeff[1:]):
                 if c == 1.0:
@@ -84,6 +95,10 @@ class EltwiseLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         xp = self.xp
         dy = top[0].diff
+        if self._plain_pair_on_gpu() and all(propagate_down):
+            fused_kernel(xp, "T dy", "T d0, T d1", "d0 = dy; d1 = dy", "caffelite_sum2_backward")(
+                dy, bottom[0].diff, bottom[1].diff)
+            return
         for i, b in enumerate(bottom):
             if not propagate_down[i]:
                 continue

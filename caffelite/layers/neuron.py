@@ -39,7 +39,10 @@ class ReLULayer(NeuronLayer):
         xp, s = self.xp, self.slope
         x, y = bottom[0].data, top[0].data
         if s == 0:
-            xp.maximum(x, 0, out=y)
+            if xp is np:
+                np.maximum(x, 0, out=y)
+            else:  # a CuPy ufunc copies an input that is also its output (in place): a kernel
+                fused_kernel(xp, "T x", "T y", "y = x < (T)0 ? (T)0 : x", "caffelite_relu_forward")(x, y)
             return
         if s < 0 and _in_place(bottom, top):
             self._mask = x > 0

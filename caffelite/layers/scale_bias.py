@@ -101,6 +101,9 @@ class ScaleLayer(Layer):
     num_bottom = (1, 2)
     num_top = 1
     param_name = "scale_param"
+    #: The BatchNorm layer before this one that computes this layer's forward, and dx in
+    #: backward, on a GPU (fusion.py).
+    fused_into = None
 
     def setup(self, bottom, top):
         p = self.param
@@ -142,8 +145,15 @@ class ScaleLayer(Layer):
         if self.bias_id is not None:
             y += self.blobs[self.bias_id].data.reshape(-1, 1)
 
+    def scale_and_bias(self):
+        """The learned scale's and the bias's device arrays (NULL: no bias), for a fused
+        BatchNorm's forward (fusion.py)."""
+        return self.blobs[0].data, self.blobs[self.bias_id].data if self.bias_id is not None else NULL
+
     def _forward_gpu(self, bottom, top) -> None:
         """One kernel: y = x * s (+ b), keeping x when in place."""
+        if self.fused_into is not None:
+            return  # the BatchNorm before has written y (fusion.py)
         self._gpu = self._gpu or ChannelOps(self.dtype)
         x = bottom[0].data
         keep = NULL
@@ -162,11 +172,18 @@ class ScaleLayer(Layer):
         scale = self._scale_blob(bottom)
         want_ds = (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1])
         want_db = self.bias_id is not None and self.param_propagate_down[self.bias_id]
-        if want_ds or want_db:
-            x = self._bottom_copy if top[0] is bottom[0] else bottom[0].data
-            ops.partial_sums(dy, x, self.dims, shift=False)
-            bias = self.blobs[self.bias_id] if want_db else None
-            _write_grads(ops, self.dims[1], bias, True, scale if want_ds else None, learned)
+        fused = self.fused_into
+        if want_ds or want_db or fused is not None:
+            if fused is not None:  # x is the BatchNorm's normalised output, which it keeps
+                x = fused.x_norm
+            else:
+                x = self._bottom_copy if top[0] is bottom[0] else bottom[0].data
+            self.sums = ops.partial_sums(dy, x, self.dims, shift=False), ops.parts
+            if want_ds or want_db:
+                bias = self.blobs[self.bias_id] if want_db else None
+                _write_grads(ops, self.dims[1], bias, True, scale if want_ds else None, learned)
+        if fused is not None:
+            return  # the BatchNorm's backward writes dx = s * (its formula), from these sums
         if propagate_down[0]:
             # In place dx is dy's memory: the sums above have already read dy.
             _affine(ops, dy, scale.data, NULL, self.dims, bottom[0].diff, NULL)
