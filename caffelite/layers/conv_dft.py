@@ -17,8 +17,9 @@ then a complex DFT along the height; only the needed input rows/columns enter
 and only the needed output rows/columns are computed, so padding and cropping
 cost nothing. Complex numbers are kept as separate real and imaginary planes
 and every product is a real GEMM. Arrays are laid out (spatial..., n, c) so
-that each frequency's matrix is contiguous; two transposes per pass convert
-from and to the blobs' (n, c, spatial...) order.
+that each frequency's matrix is contiguous; the first and the last GEMM of a
+pass read and write the blobs' (n, c, spatial...) order in place (BLAS takes
+the strided rows as a transposed operand), so no transposing copy is needed.
 
 Against im2col this does 3-5x fewer FLOPs for 5x5 kernels and moves much
 less memory (the column matrix is Kh*Kw times the input). The results equal
@@ -150,29 +151,42 @@ class DFTConvolution:
         return _ARENA.get(self.xp, role, shape, self.dtype)
 
     def _to_freq(self, images, mats, role):
-        """(n, ch, R, S) -> spectrum (P, 2, Qf, n, ch): re/im planes, each frequency's (n, ch) contiguous."""
+        """(n, ch, R, S) -> spectrum (P, 2, Qf, n, ch): re/im planes, each frequency's (n, ch) contiguous.
+
+        The width transform reads each image row in place: per row r it multiplies by the
+        (S, n*ch) matrix x[:, :, r, :]^T, whose columns lie R*S apart, and BLAS takes that
+        as a transposed operand; a transposing copy to (R, S, n, ch) first would cost a
+        pass over the images that is as slow as the GEMM."""
         xp = self.xp
         dw, e = mats
         n, ch, r, s = images.shape
-        spatial_first = self._buf(role + "_t", (r, s, n, ch))
-        spatial_first[...] = images.transpose(2, 3, 0, 1)
         half = self._buf(role + "_a", (r, 2 * self.qf, n * ch))
-        xp.matmul(dw, spatial_first.reshape(r, s, n * ch), out=half)
+        xp.matmul(dw, images.reshape(n * ch, r, s).transpose(1, 2, 0), out=half)
         spec = self._buf(role + "_f", (2 * self.P, self.qf * n * ch))
         xp.matmul(e, half.reshape(2 * r, self.qf * n * ch), out=spec)
         return spec.reshape(self.P, 2, self.qf, n, ch)
 
-    def _from_freq(self, spec, mats, role):
-        """Spectrum (P, 2, Qf, n, ch) -> (R, S, n, ch) at the matrices' output positions."""
+    def _from_freq(self, spec, mats, role, out=None):
+        """Spectrum (P, 2, Qf, n, ch) -> images at the matrices' output positions: written to
+        ``out`` (n, ch, R, S) (the last GEMM writes each image row in place, as ``_to_freq``
+        reads them), or returned as (R, S, n, ch)."""
         xp = self.xp
         e, dinv = mats
         P, _, qf, n, ch = spec.shape
         rows = e.shape[0] // 2
         half = self._buf(role + "_h", (2 * rows, qf * n * ch))
         xp.matmul(e, spec.reshape(2 * P, qf * n * ch), out=half)
-        out = self._buf(role + "_o", (rows, dinv.shape[0], n * ch))
-        xp.matmul(dinv, half.reshape(rows, 2 * qf, n * ch), out=out)
-        return out.reshape(rows, dinv.shape[0], n, ch)
+        half = half.reshape(rows, 2 * qf, n * ch)
+        if out is not None and out.flags.c_contiguous:
+            xp.matmul(half.transpose(0, 2, 1), dinv.T,
+                      out=out.reshape(n * ch, rows, dinv.shape[0]).transpose(1, 0, 2))
+            return out
+        images = self._buf(role + "_o", (rows, dinv.shape[0], n * ch))
+        xp.matmul(dinv, half, out=images)
+        images = images.reshape(rows, dinv.shape[0], n, ch)
+        if out is not None:
+            out[...] = images.transpose(2, 3, 0, 1)
+        return images
 
     def _kernel_spectrum(self, weight):
         """G per frequency as (P, 1, Qf, C/G, 2M/G... ) blocks: [Gr | Gi] for Y and [Gr^T | Gi^T] for dX."""
@@ -216,22 +230,27 @@ class DFTConvolution:
         self._x_spec = self._to_freq(x, self.fx, "x")
         self.x_ready = True
         y_spec = self._product(self._x_spec, self._g_fwd, self.m // self.group, "y_spec", conj=False)
-        out = self._from_freq(y_spec, self.iy, "y")  # (Ho, Wo, N, M)
-        dst = y.transpose(2, 3, 0, 1)
-        if bias is None:
-            dst[...] = out
-        else:
-            self.xp.add(out, bias, out=dst)
+        if bias is not None:
+            # A constant b on every pixel is b*P*Q at frequency (0, 0): the inverse adds it for free.
+            y_spec[0, 0, 0] += bias * (self.P * self.Q)
+        self._from_freq(y_spec, self.iy, "y", out=y)
 
-    def backward(self, x, weight, dy, dx, weight_blob) -> None:
-        """dx (or None) = conv^T(dy); the weight blob's diff += dW (unless None).
-        Reuses the spectra of the last forward."""
+    def backward(self, x, weight, dy, dx, weight_blob, bias_blob=None) -> None:
+        """dx (or None) = conv^T(dy); the weight and bias blobs' diffs += their gradients
+        (each unless None). Reuses the spectra of the last forward."""
         xp = self.xp
+        if dx is None and weight_blob is None:
+            if bias_blob is not None:
+                bias_blob.add_to_diff(dy.sum(axis=(0, 2, 3)))
+            return
         if not self.x_ready:
             self._g_fwd, self._g_bwd = self._kernel_spectrum(weight)
             self._x_spec = self._to_freq(x, self.fx, "x")
         self.x_ready = False
         dy_spec = self._to_freq(dy, self.fdy, "dy")  # (P, 2, Qf, N, M)
+        if bias_blob is not None:
+            # Frequency (0, 0) is the sum over the pixels: no pass over dy for the bias.
+            bias_blob.add_to_diff(dy_spec[0, 0, 0].sum(axis=0))
         if weight_blob is not None:
             g, cg, mg = self.group, self.c // self.group, self.m // self.group
             P, qf = self.P, self.qf
@@ -251,7 +270,7 @@ class DFTConvolution:
                                     .transpose(2, 3, 0, 1).reshape(weight_blob.shape))
         if dx is not None:
             dx_spec = self._product(dy_spec, self._g_bwd, self.c // self.group, "dx_spec", conj=True)
-            dx[...] = self._from_freq(dx_spec, self.idx, "dx").transpose(2, 3, 0, 1)
+            self._from_freq(dx_spec, self.idx, "dx", out=dx)
 
 
 def worth_it(n, c, m, group, in_spatial, kernel, out_spatial, pad) -> bool:

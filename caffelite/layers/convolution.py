@@ -17,6 +17,11 @@ pass ``im2col.MAX_COL_ELEMENTS``). A 1x1 kernel with stride 1 and no pad skips
 im2col: the blob already is the column matrix, so forward and the data gradient
 are one matmul per item straight on the blobs. Several bottoms share the
 weights, one top each. ``engine`` CUDNN runs this same code for now.
+
+On the CPU a stride-1 Convolution may run another engine instead, picked per
+layer by a measured rule: conv_dft.py (small DFTs as GEMMs: fewer FLOPs for 5x5
+kernels with many channels) or conv_flat.py (im2col on the padded image's flat
+rows: cheap copies for the first layer's few channels).
 """
 from __future__ import annotations
 
@@ -24,13 +29,14 @@ import math
 
 from ..fillers import fill
 from ..registry import register_layer
-from . import conv_dft
+from . import conv_dft, conv_flat, im2col
 from .base import Layer, check_not_in_place
 from .im2col import Columns, Geometry
 
-#: None picks per layer (the DFT engine where it saves enough FLOPs, else
-#: im2col + GEMM); "gemm" or "dft" force one (tests, benchmarks). "dft" only
-#: applies to 2-D Convolution with stride 1 and dilation 1.
+#: None picks per layer (the DFT engine where it saves enough FLOPs, else the
+#: flat engine where it pays, else im2col + GEMM); "gemm", "flat" or "dft" force
+#: one (tests, benchmarks). "dft" only applies to 2-D Convolution with stride 1
+#: and dilation 1, "flat" to Convolution with stride 1.
 FORCE_ENGINE: str | None = None
 
 
@@ -149,6 +155,7 @@ class _ConvolutionBase(Layer):
         self.chunks = self.columns.plan(self.xp, self.num, col_channels * g.kernel_count, col_spatial)
         self._col_ready = False
         self.dft = self._dft_engine()
+        self.flat = self._flat_engine() if self.dft is None else None
 
     def _dft_engine(self):
         """The DFT engine for this geometry, or None for im2col + GEMM (see conv_dft.py)."""
@@ -156,7 +163,7 @@ class _ConvolutionBase(Layer):
         # float16 overflows the transform's sums, and on a GPU cuDNN / GEMM are the fast paths.
         if self.dtype.itemsize < 4 or self.device.is_gpu:
             return None
-        if (self.deconvolution or FORCE_ENGINE == "gemm" or len(g.kernel) != 2
+        if (self.deconvolution or FORCE_ENGINE in ("gemm", "flat") or len(g.kernel) != 2
                 or any(s != 1 for s in g.stride) or any(d != 1 for d in g.dilation)
                 or g.kernel == (1, 1)):
             return None
@@ -169,6 +176,29 @@ class _ConvolutionBase(Layer):
             engine = conv_dft.DFTConvolution(self.xp, self.dtype, *args, g.kernel, g.pad)
             engine.key = key
         return engine
+
+    def _flat_engine(self):
+        """The flat engine for this geometry, or None (see conv_flat.py)."""
+        g = self.geometry
+        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE in ("gemm", "dft")
+                or im2col.FORCE_LAYOUT is not None or any(s != 1 for s in g.stride)
+                or (all(k == 1 for k in g.kernel) and not any(g.pad))):
+            return None
+        if FORCE_ENGINE != "flat" and not conv_flat.worth_it(self.channels, self.group,
+                                                              self.in_spatial, g):
+            return None
+        key = (self.num, self.channels, self.num_output, self.group, self.in_spatial, self.dtype,
+               self.bias_term)
+        engine = getattr(self, "flat", None)
+        if engine is None or engine.key != key:
+            engine = conv_flat.FlatConvolution(self.xp, self.dtype, *key[:5], g, self.bias_term)
+            engine.key = key
+        return engine
+
+    @property
+    def cpu_engine(self):
+        """The DFT or flat engine this layer runs, or None for the strided im2col + GEMM."""
+        return self.dft if self.dft is not None else self.flat
 
     @property
     def pointwise(self) -> bool:
@@ -221,11 +251,13 @@ class ConvolutionLayer(_ConvolutionBase):
 
     def forward(self, bottom, top):
         xp, cols = self.xp, self.columns
-        if self.dft is not None:
+        engine = self.cpu_engine
+        if engine is not None:
             for b, t in zip(bottom, top):
-                self.dft.forward(b.data, self.blobs[0].data, self._bias(), t.data)
-            # With several bottoms the kept input spectrum is the last one's.
-            self.dft.x_ready = len(bottom) == 1
+                engine.forward(self._images(b, self.channels, self.in_spatial), self.blobs[0].data,
+                               self._bias(), self._images(t, self.num_output, self.out_spatial))
+            # With several bottoms the kept input spectrum / columns are the last one's.
+            engine.x_ready = engine.x_ready and len(bottom) == 1
             return
         w = self._weight()
         for b, t in zip(bottom, top):
@@ -248,15 +280,15 @@ class ConvolutionLayer(_ConvolutionBase):
         xp, cols = self.xp, self.columns
         need_w = self.param_propagate_down[0]
         need_b = self.bias_term and self.param_propagate_down[1]
-        if self.dft is not None:
+        engine = self.cpu_engine
+        if engine is not None:
             for i, (b, t) in enumerate(zip(bottom, top)):
-                dy = t.diff
-                if need_b:
-                    self.blobs[1].add_to_diff(dy.sum(axis=(0, 2, 3)))
-                if need_w or propagate_down[i]:
-                    self.dft.backward(b.data, self.blobs[0].data, dy,
-                                      b.diff if propagate_down[i] else None,
-                                      self.blobs[0] if need_w else None)
+                if need_w or need_b or propagate_down[i]:
+                    engine.backward(self._images(b, self.channels, self.in_spatial), self.blobs[0].data,
+                                    self._images(t, self.num_output, self.out_spatial, diff=True),
+                                    self._images(b, self.channels, self.in_spatial, diff=True)
+                                    if propagate_down[i] else None,
+                                    self.blobs[0] if need_w else None, self.blobs[1] if need_b else None)
             return
         w = self._weight()
         for i, (b, t) in enumerate(zip(bottom, top)):

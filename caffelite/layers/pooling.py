@@ -23,7 +23,11 @@ order the (padded) input is first split into its s_h x s_w phases
 each a flat (N*C*Hph*Wph) array. Kernel offset (kh, kw) then reads phase
 (kh % s_h, kw % s_w) shifted by (kh // s_h) * Wph + kw // s_w: one contiguous
 1-d slice, which NumPy processes about 10x faster than a stride-s view. The
-outputs are computed on the whole (N*C, Hph, Wph) grid, (Ho, Wo) of it used.
+outputs are computed on the whole (N*C, Hph, Wph) grid, (Ho, Wo) of it used;
+when kernel <= stride tiles the image the grid is the top itself, written in
+place. Backward sums the windows into phases again: each phase's unshifted
+window writes it whole, so no pass zeroes the phases first. The first two
+windows of a forward are combined at once (no copy of the first one).
 
 On a GPU, MAX and AVE (global pooling included) run instead as Caffe's CUDA kernels do
 (caffelite/kernels/pooling.py): one thread per output forward, one per input element
@@ -44,8 +48,10 @@ MAX, AVE, STOCHASTIC = 0, 1, 2   # PoolingParameter.PoolMethod
 CEIL, FLOOR = 0, 1               # PoolingParameter.RoundMode
 _METHODS = {MAX: "MAX", AVE: "AVE", STOCHASTIC: "STOCHASTIC"}
 #: Pooling does few passes per element, so transposing to batch-last pays only
-#: for narrow outputs (measured: LeNet pool2, AlexNet pool5 gain; 12+ wide lose).
-BATCH_LAST_MAX_WIDTH = 8
+#: for the narrowest outputs, where the phase grid wastes most (measured on 2 CPU
+#: cores: CIFAR-10 pool3, 4 wide, gains; LeNet pool2 is even; AlexNet pool5 (6)
+#: and CIFAR-10 pool2 (8) run 1.7-2x faster phased).
+BATCH_LAST_MAX_WIDTH = 4
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
@@ -154,6 +160,8 @@ class PoolingLayer(Layer):
                            for kh, kw in self.geometry.offsets()]
             # Past the last plane the shifted reads run into a tail of padding.
             self.phase_len = self.grid + max(shift for _, _, shift in self.shifts)
+        # With kernel <= stride tiling the image (no pad, sizes divisible) the grid is the top.
+        self.grid_is_top = self.phased and self.phase_shape == out
         self._global_index = None
         self._index_ready = False
 
@@ -194,6 +202,8 @@ class PoolingLayer(Layer):
 
     def _store(self, out, y) -> None:
         """Copy the computed outputs ``out`` (a grid or a batch-last buffer) to the top."""
+        if self.grid_is_top:
+            return   # computed in place (``_output``)
         if self.phased:
             y[...] = self._crop(out)
         elif out is not y:
@@ -214,6 +224,8 @@ class PoolingLayer(Layer):
 
     def _output(self, top_array, role="out"):
         """Where to compute the output: the top itself, or a batch-last buffer / phased grid."""
+        if self.grid_is_top and role == "out":
+            return top_array.reshape(-1)   # (a recomputation must not touch the top: in-place layers)
         if self.pixels.batch_last or self.phased:
             return self._scratch(role, top_array.dtype)
         return top_array
@@ -238,6 +250,10 @@ class PoolingLayer(Layer):
             return
         for i, offset in enumerate(g.offsets()):
             yield i, image[(slice(None),) + g.window(offset, self.out_spatial)]
+
+    def _overwrites(self, i: int) -> bool:
+        """Whether backward writes kernel offset ``i``'s window instead of adding to it."""
+        return self.phased and self.shifts[i][2] == 0
 
     def _divisor_array(self, dtype):
         """AVE pool sizes per output, clipped to the padded image (Caffe's rule)."""
@@ -314,10 +330,13 @@ class PoolingLayer(Layer):
                 self._write_mask(self._planes(top[1].data))
         elif self.method == AVE:
             out = self._output(y)
-            src = self._padded_input(x, 0)
-            for i, win in self._windows(src):
-                if i == 0:
-                    out[...] = win
+            windows = self._windows(self._padded_input(x, 0))
+            _, first = next(windows)
+            if math.prod(self.kernel) == 1:
+                out[...] = first
+            for i, win in windows:
+                if i == 1:   # (the first window is never copied)
+                    self.xp.add(first, win, out=out)
                 else:
                     out += win
             if self.phased:
@@ -330,24 +349,27 @@ class PoolingLayer(Layer):
 
     def _max(self, x, out, want_index: bool) -> None:
         xp = self.xp
-        src = self._padded_input(x, -np.inf)
+        windows = self._windows(self._padded_input(x, -np.inf))
+        _, first = next(windows)
+        if math.prod(self.kernel) == 1:
+            out[...] = first
         if not want_index:
-            for i, win in self._windows(src):
-                if i == 0:
-                    out[...] = win
-                else:
-                    xp.maximum(out, win, out=out)
+            for i, win in windows:
+                xp.maximum(first if i == 1 else out, win, out=out)
             return
         # Masked copies branch on random masks and are slow; arithmetic is not.
         # A strictly greater value at offset i (offsets increase) makes the
         # index i, so the first maximum in window order wins, as in Caffe.
         index = self._index_buffer()
-        index[...] = 0
         greater = self._scratch("greater", bool)
         step = self._scratch("step", index.dtype)
-        for i, win in self._windows(src):
-            if i == 0:
-                out[...] = win
+        if math.prod(self.kernel) == 1:
+            index[...] = 0
+        for i, win in windows:
+            if i == 1:   # offsets 0 and 1 at once: no copy of the first window, no zeroing
+                xp.greater(win, first, out=greater)
+                xp.maximum(first, win, out=out)
+                xp.multiply(greater, index.dtype.type(1), out=index, casting="unsafe")
                 continue
             xp.greater(win, out, out=greater)
             xp.maximum(out, win, out=out)
@@ -429,7 +451,9 @@ class PoolingLayer(Layer):
                 flat[...] = 0
                 flat[xp.arange(self.planes), self._global_index] = dy.reshape(self.planes)
             return
-        if self.phased:
+        if self.grid_is_top:
+            grad = dy.reshape(-1)
+        elif self.phased:
             grad = self._scratch("dy", dy.dtype, fill=0)   # the grid's unused cells stay 0
             self._crop(grad)[...] = dy
         elif self.pixels.batch_last:
@@ -438,20 +462,26 @@ class PoolingLayer(Layer):
         else:
             grad = dy
         if self.phased:
-            acc = self.ws.get(xp, "acc_phases", self.stride + (self.phase_len,), dx.dtype)
-        elif self.direct and not self.pixels.batch_last:
-            acc = dx
+            # Each phase's first kernel offset (shift 0) covers its whole grid and overwrites it;
+            # the tail past the grid only ever receives zeros (from the grid's unused cells).
+            acc = self.ws.get(xp, "acc_phases", self.stride + (self.phase_len,), dx.dtype, fill=0)
         else:
-            acc = self.pixels.alloc(self.ws, xp, "acc", (), self.planes, self.padded, dx.dtype)[1]
-        acc[...] = 0
+            if self.direct and not self.pixels.batch_last:
+                acc = dx
+            else:
+                acc = self.pixels.alloc(self.ws, xp, "acc", (), self.planes, self.padded, dx.dtype)[1]
+            acc[...] = 0
         if self.method == AVE:
             if self.phased:
                 share = self._scratch("share", grad.dtype, fill=0)
                 xp.divide(dy, self._divisor_array(grad.dtype), out=self._crop(share))
             else:
                 share = grad / self._divisor_array(grad.dtype)
-            for _, win in self._windows(acc):
-                win += share
+            for i, win in self._windows(acc):
+                if self._overwrites(i):
+                    win[...] = share
+                else:
+                    win += share
         else:
             if not self._index_ready:
                 if self.method == STOCHASTIC:
@@ -464,8 +494,11 @@ class PoolingLayer(Layer):
             share = self._scratch("share", grad.dtype)
             for i, win in self._windows(acc):
                 xp.equal(index, i, out=hit)
-                xp.multiply(grad, hit, out=share)
-                win += share
+                if self._overwrites(i):
+                    xp.multiply(grad, hit, out=win)
+                else:
+                    xp.multiply(grad, hit, out=share)
+                    win += share
         if self.phased:
             for (a, b), pi, pj, xi, xj in self.phase_copies:
                 dx[:, xi, xj] = self._phase_view(acc, a, b)[:, pi, pj]

@@ -63,3 +63,36 @@ def test_engine_choice():
     assert not conv_dft.worth_it(100, 3, 32, 1, (32, 32), (5, 5), (32, 32), (2, 2))
     # AlexNet's conv3: batch 10 and 256 x 384 channels make the kernel spectra too big.
     assert not conv_dft.worth_it(10, 256, 384, 1, (13, 13), (3, 3), (13, 13), (1, 1))
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_weight_or_bias_gradient_alone(frozen, dft):
+    """The bias gradient comes from the dy spectrum's frequency (0, 0), or from a sum over dy
+    when nothing else needs the spectrum."""
+    x = np.random.default_rng(3).standard_normal((2, 3, 6, 6))
+    params = cp({"num_output": 2, "kernel_size": 3, "pad": 1, **FILLERS})
+    reference, ref_bottom, ref_top, (y,) = run("Convolution", [x], convolution_param=params)
+    layer, bottom, top, _ = run("Convolution", [x], convolution_param=params)
+    dy = np.random.default_rng(4).standard_normal(y.shape)
+    for lay, t in ((reference, ref_top), (layer, top)):
+        t[0].set_diff(dy)
+        for blob in lay.blobs:
+            blob.set_diff(0)
+    layer.param_propagate_down[frozen] = False
+    reference.backward(ref_top, [False], ref_bottom)
+    layer.backward(top, [False], bottom)
+    np.testing.assert_allclose(reference.blobs[1].cpu_diff(), dy.sum(axis=(0, 2, 3)), rtol=1e-10)
+    kept = 1 - frozen
+    np.testing.assert_allclose(layer.blobs[kept].cpu_diff(), reference.blobs[kept].cpu_diff(), rtol=1e-10)
+    assert not layer.blobs[frozen].cpu_diff().any()
+
+
+def test_strided_output_views(dft):
+    """The engine writes a top that is not contiguous (a view) as well as a contiguous one."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 6, 6))
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({
+        "num_output": 4, "kernel_size": 3, "pad": 1, **FILLERS}))
+    w, b = layer.blobs[0].cpu_data(), layer.blobs[1].cpu_data()
+    view = np.zeros((4, 2, 6, 6)).transpose(1, 0, 2, 3)
+    layer.dft.forward(x, w, b, view)
+    np.testing.assert_allclose(view, y, rtol=1e-12, atol=1e-12)

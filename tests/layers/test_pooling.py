@@ -138,6 +138,51 @@ def test_overlapping_max_windows_accumulate():
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 6), 2, 2),     # phases == the top's grid
+                                       ((2, 3, 9, 9), 3, 2),     # overlapping windows
+                                       ((2, 2, 7, 7), 1, 2)])    # kernel 1: phases without windows
+def test_phased_backward_twice(method, shape, k, s):
+    """The phased backward overwrites each phase with its first window: a second backward with
+    another dy must not see the first one's values."""
+    x = np.random.default_rng(7).standard_normal(shape)
+    layer, bottom, top, (y,) = run("Pooling", [x], phase=TRAIN,
+                                   pooling_param={"pool": method, "kernel_size": k, "stride": s})
+    assert layer.phased
+    np.testing.assert_allclose(y, pool_ref(x, (k, k), (s, s), (0, 0), method)[0], rtol=1e-12)
+    rs = np.random.default_rng(8)
+    grads = []
+    for _ in range(2):
+        dy = rs.standard_normal(y.shape)
+        top[0].set_diff(dy)
+        layer.backward(top, [True], bottom)
+        grads.append((dy, bottom[0].cpu_diff().copy()))
+    fresh, fresh_bottom, fresh_top, _ = run("Pooling", [x], phase=TRAIN,
+                                            pooling_param={"pool": method, "kernel_size": k, "stride": s})
+    fresh_top[0].set_diff(grads[1][0])
+    fresh.backward(fresh_top, [True], fresh_bottom)
+    np.testing.assert_array_equal(grads[1][1], fresh_bottom[0].cpu_diff())
+    assert check_gradient(layer, bottom, top, max_checks=40) > 0
+
+
+def test_max_recompute_leaves_the_top_alone():
+    """A TEST-phase forward keeps no argmax, so backward finds it again; it must not overwrite
+    the top, which an in-place layer (ReLU after pooling) may have changed meanwhile."""
+    x = np.random.default_rng(9).standard_normal((2, 3, 8, 8))
+    layer, bottom, top, (y,) = run("Pooling", [x], pooling_param={"pool": "MAX", "kernel_size": 2,
+                                                                  "stride": 2})
+    assert layer.grid_is_top
+    top[0].set_data(np.maximum(y, 0))                     # what an in-place ReLU leaves
+    dy = np.random.default_rng(10).standard_normal(y.shape)
+    top[0].set_diff(dy)
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(top[0].cpu_data(), np.maximum(y, 0))
+    windows = x.reshape(2, 3, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 4, 4, 4)
+    hit = np.eye(4)[windows.argmax(axis=-1)]              # (2, 3, 4, 4, 4): the argmax offsets
+    expected = (hit * dy[..., None]).reshape(2, 3, 4, 4, 2, 2).transpose(0, 1, 2, 4, 3, 5)
+    np.testing.assert_array_equal(bottom[0].cpu_diff(), expected.reshape(x.shape))
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
 def test_global_pooling(method):
     x = np.random.default_rng(1).standard_normal((2, 3, 4, 5))
     layer, bottom, top, outs = run("Pooling", [x], num_top=2 if method == "MAX" else 1,

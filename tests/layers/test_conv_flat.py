@@ -1,0 +1,141 @@
+"""The Convolution layer's flat engine (conv_flat.py) against direct loops, with gradients."""
+import numpy as np
+import pytest
+
+from caffelite.layers import conv_flat, convolution, im2col
+from caffelite.layers.im2col import Geometry
+from layer_testing import check_gradient, run
+from test_convolution import FILLERS, _geometry, conv_ref, cp
+
+CASES = [
+    ((2, 3, 6, 5), {"num_output": 4, "kernel_size": 3}),
+    ((2, 3, 7, 7), {"num_output": 2, "kernel_size": 3, "pad": 1}),
+    ((1, 4, 9, 8), {"num_output": 4, "kernel_size": 2, "dilation": 2, "pad": 1, "group": 2}),
+    ((2, 2, 6, 7), {"num_output": 3, "kernel_h": 3, "kernel_w": 2, "pad_h": 1, "pad_w": 0,
+                    "bias_term": False}),
+    ((2, 4, 6, 6), {"num_output": 4, "kernel_size": 3, "group": 4, "pad": 1}),   # depthwise
+    ((3, 2, 4, 4), {"num_output": 3, "kernel_size": 1, "pad": 1}),              # 1x1 with a pad
+    ((2, 2, 7), {"num_output": 3, "kernel_size": 3, "pad": 1}),                 # 1-D
+    ((1, 2, 4, 3, 4), {"num_output": 2, "kernel_size": 2, "pad": [1, 0, 1]}),   # 3-D
+]
+
+
+@pytest.fixture
+def flat(monkeypatch):
+    monkeypatch.setattr(convolution, "FORCE_ENGINE", "flat")
+
+
+def _expected(layer, x, params):
+    kernel, stride, pad, dilation = _geometry(params, x.ndim - 2)
+    w = layer.blobs[0].cpu_data()
+    b = layer.blobs[1].cpu_data() if params.get("bias_term", True) else None
+    return conv_ref(x, w, b, stride, pad, dilation, params.get("group", 1))
+
+
+@pytest.mark.parametrize("shape,params", CASES)
+def test_matches_loops_and_gradient(shape, params, flat):
+    x = np.random.default_rng(0).standard_normal(shape)
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
+    assert layer.flat is not None and layer.dft is None
+    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+
+
+def test_chunks_and_grouped_weight_gradient(flat, monkeypatch):
+    """Several batch chunks (the last one shorter) and several items per weight-gradient GEMM."""
+    monkeypatch.setattr(conv_flat, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_flat, "DW_PIXELS", 100)
+    monkeypatch.setattr(conv_flat, "DW_SMALL", 10 ** 6)
+    x = np.random.default_rng(1).standard_normal((5, 2, 6, 6))
+    params = {"num_output": 3, "kernel_size": 3, "pad": 1}
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
+    assert layer.flat.chunk == 1
+    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+    monkeypatch.setattr(conv_flat, "CHUNK_BYTES", 3 * layer.flat.rows * layer.flat.pixels * 8)
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
+    assert layer.flat.chunk == 3   # chunks of 3 items (dW: a stack of 3 GEMMs) and 2 (one GEMM)
+    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+
+
+def test_columns_not_kept(flat, monkeypatch):
+    """Backward copies the columns again where forward's are gone: several column buffers
+    per batch, or several bottoms (the buffer holds the last one's)."""
+    rs = np.random.default_rng(6)
+    params = {"num_output": 3, "kernel_size": 3, "pad": 1}
+    monkeypatch.setattr(im2col, "MAX_COL_ELEMENTS", 2 * 19 * 48)   # 2 items (19 rows, 6 x 8 grid)
+    x = rs.standard_normal((5, 2, 6, 6))
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
+    assert layer.flat.batch == 2 and not layer.flat.x_ready
+    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+    monkeypatch.undo()
+    monkeypatch.setattr(convolution, "FORCE_ENGINE", "flat")
+    a, b = rs.standard_normal((2, 2, 6, 6)), rs.standard_normal((2, 2, 6, 6))
+    layer, bottom, top, (ya, yb) = run("Convolution", [a, b], num_top=2,
+                                       convolution_param=cp({**params, **FILLERS}))
+    np.testing.assert_allclose(yb, _expected(layer, b, params), rtol=1e-10, atol=1e-10)
+    assert not layer.flat.x_ready
+    assert check_gradient(layer, bottom, top, max_checks=40) > 0
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_weight_or_bias_gradient_alone(frozen, flat):
+    """With one of the parameters frozen the other's gradient is still right (the bias
+    gradient then comes from a sum over dy instead of the GEMM's row of ones)."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 5, 5))
+    params = cp({"num_output": 2, "kernel_size": 3, "pad": 1, **FILLERS})
+    reference, ref_bottom, ref_top, _ = run("Convolution", [x], convolution_param=params)
+    layer, bottom, top, _ = run("Convolution", [x], convolution_param=params)
+    dy = np.random.default_rng(3).standard_normal(top[0].shape)
+    for lay, t in ((reference, ref_top), (layer, top)):
+        t[0].set_diff(dy)
+        for blob in lay.blobs:
+            blob.set_diff(0)
+    layer.param_propagate_down[frozen] = False
+    reference.backward(ref_top, [False], ref_bottom)
+    layer.backward(top, [False], bottom)
+    kept = 1 - frozen
+    np.testing.assert_allclose(layer.blobs[kept].cpu_diff(), reference.blobs[kept].cpu_diff(), rtol=1e-12)
+    assert not layer.blobs[frozen].cpu_diff().any()
+
+
+def test_float32_close_to_float64(flat):
+    x = np.random.default_rng(4).standard_normal((4, 3, 10, 10))
+    params = cp({"num_output": 5, "kernel_size": 5, "pad": 2, **FILLERS})
+    results = {}
+    for dtype in (np.float32, np.float64):
+        layer, bottom, top, (y,) = run("Convolution", [x.astype(dtype)], dtype=dtype, convolution_param=params)
+        assert y.dtype == dtype
+        top[0].set_diff(np.random.default_rng(5).standard_normal(y.shape).astype(dtype))
+        for blob in layer.blobs:
+            blob.set_diff(0)
+        layer.backward(top, [True], bottom)
+        results[dtype] = [y, bottom[0].cpu_diff().copy()] + [b.cpu_diff().copy() for b in layer.blobs]
+    for a, b in zip(results[np.float32], results[np.float64]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_strided_and_deconvolution_keep_im2col(flat):
+    x = np.zeros((2, 3, 9, 9))
+    layer, *_ = run("Convolution", [x], convolution_param=cp({"num_output": 2, "kernel_size": 3,
+                                                               "stride": 2, **FILLERS}))
+    assert layer.flat is None
+    layer, *_ = run("Deconvolution", [x], convolution_param=cp({"num_output": 2, "kernel_size": 3,
+                                                                 **FILLERS}))
+    assert layer.flat is None
+
+
+def test_engine_choice():
+    """Chosen for LeNet's and CIFAR-10's first layers; not where the GEMM dominates (many
+    channels) or much of it would be thrown away (narrow maps)."""
+    def geometry(k, p):
+        return Geometry((k, k), (1, 1), (p, p), (1, 1))
+    assert conv_flat.worth_it(1, 1, (28, 28), geometry(5, 0))          # LeNet conv1
+    assert conv_flat.worth_it(3, 1, (32, 32), geometry(5, 2))          # CIFAR-10 conv1
+    assert not conv_flat.worth_it(32, 1, (8, 8), geometry(5, 2))       # CIFAR-10 conv3
+    assert not conv_flat.worth_it(256, 1, (13, 13), geometry(3, 1))    # AlexNet conv3
+    x = np.zeros((4, 3, 32, 32))
+    layer, *_ = run("Convolution", [x], convolution_param=cp({"num_output": 32, "kernel_size": 5,
+                                                               "pad": 2, **FILLERS}))
+    assert layer.flat is not None and layer.dft is None
