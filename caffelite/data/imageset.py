@@ -15,8 +15,11 @@ Caffe's ``ReadImageToDatum`` makes it:
 Images are decoded with OpenCV when ``cv2`` is installed (what Caffe uses), else
 with Pillow; resizing is OpenCV's ``INTER_LINEAR`` either way (``resize_linear``
 reproduces it bit for bit), so records do not depend on the decoder beyond
-JPEG rounding. ``ordered_map`` spreads the work over a process pool and gives
-the results back in list order.
+JPEG rounding. ``ordered_map`` spreads the work over a pool and gives the
+results back in list order: threads when OpenCV decodes (it releases the GIL
+while it decodes and resizes, so threads run in parallel and the records reach
+the LMDB writer without being pickled through a pipe), processes with Pillow
+(caffelite's NumPy resize holds the GIL for part of each image).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import re
 import signal
 import threading
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -245,12 +248,13 @@ def _pool_context():
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def ordered_map(func: Callable, items: Iterable, workers: int = 1, chunk_size: int = 16) -> Iterator:
-    """``map(func, items)`` on ``workers`` processes, results in input order.
+def ordered_map(func: Callable, items: Iterable, workers: int = 1, chunk_size: int = 16,
+                threads: bool = False) -> Iterator:
+    """``map(func, items)`` on ``workers`` processes (or threads), results in input order.
 
     Items go out in chunks, at most ``4 * workers`` chunks in flight, so memory
-    stays bounded however long the input is. ``func`` must be picklable (a
-    module-level function or a ``functools.partial`` of one).
+    stays bounded however long the input is. For processes ``func`` must be
+    picklable (a module-level function or a ``functools.partial`` of one).
     """
     if workers <= 1:
         yield from map(func, items)
@@ -265,7 +269,8 @@ def ordered_map(func: Callable, items: Iterable, workers: int = 1, chunk_size: i
                 break
         return chunk
 
-    pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker)
+    pool = (ThreadPoolExecutor(workers) if threads else
+            ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker))
     pending: deque = deque()
     try:
         for _ in range(4 * workers):
@@ -285,11 +290,10 @@ def ordered_map(func: Callable, items: Iterable, workers: int = 1, chunk_size: i
 
 def convert_images(entries: list[tuple[str, int]], settings: ImageSettings, workers: int = 1) -> Iterator[Record]:
     """``make_record`` of every entry, in order, on ``workers`` processes."""
-    settings.use_opencv()  # a missing OpenCV is reported before any work starts
-    if workers <= 1:
-        cv2 = opencv() if settings.use_opencv() else None
-        if cv2 is not None:
-            cv2.setNumThreads(1)  # the same work per image as one pool worker does
+    cv2 = opencv() if settings.use_opencv() else None  # a missing OpenCV is reported now
+    if cv2 is not None:
+        cv2.setNumThreads(1)  # one image per thread; OpenCV's own threads would compete
     # Small chunks keep the writer busy from the start; 8 images amortise a task's overhead.
     chunk = max(1, min(8, len(entries) // (16 * max(workers, 1))))
-    return ordered_map(functools.partial(make_record, settings=settings), entries, workers, chunk)
+    return ordered_map(functools.partial(make_record, settings=settings), entries, workers, chunk,
+                       threads=cv2 is not None)

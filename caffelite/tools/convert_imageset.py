@@ -10,9 +10,10 @@ file when nothing changes). ``--folders`` takes one sub-folder per class
 instead (labels 0..K-1 in sorted name order) and writes the class names, one
 per line, to ``DB.labels.txt`` beside the database.
 
-Unlike Caffe: images are decoded by ``--workers`` processes; an existing DB is
-replaced only with ``--force``; the DB appears only once complete; images that
-cannot be read are skipped, listed at the end, and make the exit status 3.
+Unlike Caffe: images are decoded by ``--workers`` threads (processes with
+Pillow); an existing DB is replaced only with ``--force``; the DB appears only
+once complete; images that cannot be read are skipped, listed at the end, and
+make the exit status 3.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def add_arguments(parser) -> None:
     _flag(parser, "check_size", action="store_true", help="check that all images have the same size")
     _flag(parser, "encoded", action="store_true", help="store the images as encoded files (PNG/JPEG)")
     _flag(parser, "encode_type", default="", help="png or jpg: the format of encoded images (implies --encoded)")
-    _flag(parser, "workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    _flag(parser, "workers", type=int, default=os.cpu_count() or 1, help="decoding threads (processes with Pillow; default: all cores)")
     _flag(parser, "decoder", choices=("auto", "opencv", "pillow"), default="auto",
           help="image library: OpenCV when installed (what Caffe uses), else Pillow")
     _flag(parser, "force", action="store_true", help="replace DB if it exists")
