@@ -385,7 +385,7 @@ def test_device_overflow_at_scale_one_is_a_training_error(monkeypatch):
 
 @pytest.mark.parametrize("inject", [[], [3, 9]], ids=["graph", "overflows"])
 @on_gpu
-def test_device_scaler_resumes_exactly(monkeypatch, tmp_path, inject):
+def test_device_scaler_resumes_exactly(monkeypatch, tmp_path, logs, inject):
     def run(folder, resume=None):
         folder.mkdir()
         solver = gpu_solver(monkeypatch, tmp_path=folder, loss_scale=512, loss_scale_window=4,
@@ -397,6 +397,9 @@ def test_device_scaler_resumes_exactly(monkeypatch, tmp_path, inject):
         return solver
 
     whole = run(tmp_path / "whole")
+    if not inject:  # 14 clean iterations: doubled after iterations 3, 7 and 11
+        assert whole.mixed.scaler.scale == 4096
+        assert "Loss scale -> 4096 (doubled after each 4 iterations without overflow)" in logs
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "mp_iter_7.solverstate"))
     assert whole.iter == resumed.iter == 14
     assert whole.mixed.scaler.state_dict() == resumed.mixed.scaler.state_dict()
