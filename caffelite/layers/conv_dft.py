@@ -28,33 +28,15 @@ the direct sum up to rounding (float32: ~1e-6 of the largest output).
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
-from .im2col import Workspace
+from .im2col import ARENA, Workspace
 
-
-class _Arena(threading.local):
-    """Scratch arrays shared by every DFT engine of this thread, one flat buffer per role
-    grown to the largest request: layers run one at a time, so only the spectra a layer
-    keeps from forward to backward need memory of their own."""
-
-    def __init__(self):
-        self.buffers: dict = {}
-
-    def get(self, xp, role: str, shape: tuple, dtype):
-        size = math.prod(shape)
-        key = (role, np.dtype(dtype).str, xp.__name__)
-        flat = self.buffers.get(key)
-        if flat is None or flat.size < size:
-            flat = self.buffers[key] = xp.empty(size, dtype)
-        return flat[:size].reshape(shape)
-
-
-_ARENA = _Arena()
-#: Roles that live from a forward to its backward (per engine); the rest are scratch.
-_KEPT = ("x_f", "g_fwd", "g_bwd")
+#: Roles that live from a forward to its backward (per engine: the input's spectrum, for dW);
+#: the rest, the kernel's spectra included (cheap to make again), are scratch from the
+#: arena all layers share (im2col.ARENA). Inner scopes give each step's planes back early.
+_KEPT = ("x_f",)
 
 
 def _forward_mats(rows_in, cols_in, P: int, Q: int):
@@ -148,7 +130,7 @@ class DFTConvolution:
     def _buf(self, role, shape):
         if role in _KEPT:
             return self.ws.get(self.xp, role, shape, self.dtype)
-        return _ARENA.get(self.xp, role, shape, self.dtype)
+        return ARENA.get(shape, self.dtype)
 
     def _to_freq(self, images, mats, role):
         """(n, ch, R, S) -> spectrum (P, 2, Qf, n, ch): re/im planes, each frequency's (n, ch) contiguous.
@@ -160,10 +142,11 @@ class DFTConvolution:
         xp = self.xp
         dw, e = mats
         n, ch, r, s = images.shape
-        half = self._buf(role + "_a", (r, 2 * self.qf, n * ch))
-        xp.matmul(dw, images.reshape(n * ch, r, s).transpose(1, 2, 0), out=half)
         spec = self._buf(role + "_f", (2 * self.P, self.qf * n * ch))
-        xp.matmul(e, half.reshape(2 * r, self.qf * n * ch), out=spec)
+        with ARENA.scope():   # (the half-transformed planes are gone before the next step)
+            half = self._buf(role + "_a", (r, 2 * self.qf, n * ch))
+            xp.matmul(dw, images.reshape(n * ch, r, s).transpose(1, 2, 0), out=half)
+            xp.matmul(e, half.reshape(2 * r, self.qf * n * ch), out=spec)
         return spec.reshape(self.P, 2, self.qf, n, ch)
 
     def _from_freq(self, spec, mats, role, out=None):
@@ -188,27 +171,38 @@ class DFTConvolution:
             out[...] = images.transpose(2, 3, 0, 1)
         return images
 
-    def _kernel_spectrum(self, weight):
-        """G per frequency as (P, 1, Qf, C/G, 2M/G... ) blocks: [Gr | Gi] for Y and [Gr^T | Gi^T] for dX."""
+    def _kernel_spectrum(self, weight, backward: bool):
+        """G per frequency as (P, 1, Qf, G, ...) blocks: [Gr | Gi] (C/G, 2M/G) for Y, or
+        [Gr^T | Gi^T] (M/G, 2C/G) for dX when ``backward``. Cheap (F x C/G x M), so each pass
+        computes the one it needs instead of keeping both."""
         g, cg, mg = self.group, self.c // self.group, self.m // self.group
         kernel = weight.reshape(self.m, cg, self.kh, self.kw)
-        spec = self._to_freq(kernel.transpose(1, 0, 2, 3), self.fk, "k")  # (P, 2, Qf, cg, m)
-        spec = spec.reshape(self.P, 2, self.qf, cg, g, mg)
-        # fwd[k, l, gi] = [Gr | Gi] (cg, 2mg);  bwd[k, l, gi] = [Gr^T | Gi^T] (mg, 2cg)
-        fwd = self._buf("g_fwd", (self.P, self.qf, g, cg, 2, mg))
-        fwd[...] = spec.transpose(0, 2, 4, 3, 1, 5)
-        bwd = self._buf("g_bwd", (self.P, self.qf, g, mg, 2, cg))
-        bwd[...] = spec.transpose(0, 2, 4, 5, 1, 3)
-        return fwd.reshape(self.P, 1, self.qf, g, cg, 2 * mg), bwd.reshape(self.P, 1, self.qf, g, mg, 2 * cg)
+        rows, cols = (mg, cg) if backward else (cg, mg)
+        blocks = self._buf("g", (self.P, self.qf, g, rows, 2, cols))
+        with ARENA.scope():
+            spec = self._to_freq(kernel.transpose(1, 0, 2, 3), self.fk, "k")  # (P, 2, Qf, cg, m)
+            spec = spec.reshape(self.P, 2, self.qf, cg, g, mg)
+            # fwd[k, l, gi] = [Gr | Gi] (cg, 2mg);  bwd[k, l, gi] = [Gr^T | Gi^T] (mg, 2cg)
+            blocks[...] = spec.transpose((0, 2, 4, 5, 1, 3) if backward else (0, 2, 4, 3, 1, 5))
+        return blocks.reshape(self.P, 1, self.qf, g, rows, 2 * cols)
 
     def _product(self, spec, blocks, out_ch, role, conj):
         """Per frequency and group: out = spec @ B (conj=False) or spec @ conj(B) (as laid out by
         _kernel_spectrum); spec (P, 2, Qf, n, G*k), result (P, 2, Qf, n, G*out_ch)."""
-        xp = self.xp
         P, _, qf, n, _ = spec.shape
         g = self.group
         out = self._buf(role, (P, 2, qf, n, g * out_ch))
-        z = self._buf(role + "_z", (P, 2, qf, n, 2 * out_ch))
+        # In two halves of the frequencies: the products z (twice the result) take less memory.
+        half = -(-P // 2)
+        with ARENA.scope():
+            z = self._buf(role + "_z", (half, 2, qf, n, 2 * out_ch))
+            for p0 in range(0, P, half):
+                p1 = min(P, p0 + half)
+                self._product_groups(spec[p0:p1], blocks[p0:p1], out_ch, out[p0:p1], z[:p1 - p0], conj)
+        return out
+
+    def _product_groups(self, spec, blocks, out_ch, out, z, conj) -> None:
+        xp, g = self.xp, self.group
         k = spec.shape[-1] // g
         for gi in range(g):
             xp.matmul(spec[..., gi * k:(gi + 1) * k], blocks[:, :, :, gi], out=z)
@@ -221,15 +215,18 @@ class DFTConvolution:
             else:      # (a + ib)(Br + iBi) = (aBr - bBi) + i(aBi + bBr)
                 xp.subtract(a_re, b_im, out=re)
                 xp.add(a_im, b_re, out=im)
-        return out
 
     # ---- the layer's passes -------------------------------------------------------------------
     def forward(self, x, weight, bias, y) -> None:
         """y (N, M, Ho, Wo) = conv(x (N, C, H, W)) + bias."""
-        self._g_fwd, self._g_bwd = self._kernel_spectrum(weight)
+        with ARENA.scope():
+            self._forward(x, weight, bias, y)
+
+    def _forward(self, x, weight, bias, y) -> None:
+        g_fwd = self._kernel_spectrum(weight, backward=False)
         self._x_spec = self._to_freq(x, self.fx, "x")
         self.x_ready = True
-        y_spec = self._product(self._x_spec, self._g_fwd, self.m // self.group, "y_spec", conj=False)
+        y_spec = self._product(self._x_spec, g_fwd, self.m // self.group, "y_spec", conj=False)
         if bias is not None:
             # A constant b on every pixel is b*P*Q at frequency (0, 0): the inverse adds it for free.
             y_spec[0, 0, 0] += bias * (self.P * self.Q)
@@ -238,13 +235,15 @@ class DFTConvolution:
     def backward(self, x, weight, dy, dx, weight_blob, bias_blob=None) -> None:
         """dx (or None) = conv^T(dy); the weight and bias blobs' diffs += their gradients
         (each unless None). Reuses the spectra of the last forward."""
-        xp = self.xp
+        with ARENA.scope():
+            self._backward(x, weight, dy, dx, weight_blob, bias_blob)
+
+    def _backward(self, x, weight, dy, dx, weight_blob, bias_blob) -> None:
         if dx is None and weight_blob is None:
             if bias_blob is not None:
                 bias_blob.add_to_diff(dy.sum(axis=(0, 2, 3)))
             return
-        if not self.x_ready:
-            self._g_fwd, self._g_bwd = self._kernel_spectrum(weight)
+        if not self.x_ready and weight_blob is not None:
             self._x_spec = self._to_freq(x, self.fx, "x")
         self.x_ready = False
         dy_spec = self._to_freq(dy, self.fdy, "dy")  # (P, 2, Qf, N, M)
@@ -252,25 +251,32 @@ class DFTConvolution:
             # Frequency (0, 0) is the sum over the pixels: no pass over dy for the bias.
             bias_blob.add_to_diff(dy_spec[0, 0, 0].sum(axis=0))
         if weight_blob is not None:
-            g, cg, mg = self.group, self.c // self.group, self.m // self.group
-            P, qf = self.P, self.qf
-            grad = self._buf("w_spec", (P, 2, qf, g, mg, cg))
-            same = self._buf("w_same", (P, 2, qf, mg, cg))
-            cross = self._buf("w_cross", (P, 2, qf, mg, cg))
-            for gi in range(g):
-                d = dy_spec[..., gi * mg:(gi + 1) * mg].swapaxes(-1, -2)  # (P, 2, Qf, mg, N)
-                xs = self._x_spec[..., gi * cg:(gi + 1) * cg]               # (P, 2, Qf, N, cg)
-                xp.matmul(d, xs, out=same)            # [dYr^T Xr, dYi^T Xi]
-                xp.matmul(d[:, ::-1], xs, out=cross)  # [dYi^T Xr, dYr^T Xi]
-                # dG = dY^T conj(X): re = dYr^T Xr + dYi^T Xi, im = dYi^T Xr - dYr^T Xi
-                xp.add(same[:, 0], same[:, 1], out=grad[:, 0, :, gi])
-                xp.subtract(cross[:, 0], cross[:, 1], out=grad[:, 1, :, gi])
-            kgrad = self._from_freq(grad.reshape(P, 2, qf, 1, self.m * cg), self.ik, "kg")
-            weight_blob.add_to_diff(kgrad.reshape(self.kh, self.kw, self.m, cg)
-                                    .transpose(2, 3, 0, 1).reshape(weight_blob.shape))
+            with ARENA.scope():
+                self._weight_grad(dy_spec, weight_blob)
         if dx is not None:
-            dx_spec = self._product(dy_spec, self._g_bwd, self.c // self.group, "dx_spec", conj=True)
+            g_bwd = self._kernel_spectrum(weight, backward=True)
+            dx_spec = self._product(dy_spec, g_bwd, self.c // self.group, "dx_spec", conj=True)
             self._from_freq(dx_spec, self.idx, "dx", out=dx)
+
+    def _weight_grad(self, dy_spec, weight_blob) -> None:
+        """weight_blob.diff += the kernel gradient dG = dY^T conj(X), summed over the batch."""
+        xp = self.xp
+        g, cg, mg = self.group, self.c // self.group, self.m // self.group
+        P, qf = self.P, self.qf
+        grad = self._buf("w_spec", (P, 2, qf, g, mg, cg))
+        same = self._buf("w_same", (P, 2, qf, mg, cg))
+        cross = self._buf("w_cross", (P, 2, qf, mg, cg))
+        for gi in range(g):
+            d = dy_spec[..., gi * mg:(gi + 1) * mg].swapaxes(-1, -2)  # (P, 2, Qf, mg, N)
+            xs = self._x_spec[..., gi * cg:(gi + 1) * cg]               # (P, 2, Qf, N, cg)
+            xp.matmul(d, xs, out=same)            # [dYr^T Xr, dYi^T Xi]
+            xp.matmul(d[:, ::-1], xs, out=cross)  # [dYi^T Xr, dYr^T Xi]
+            # dG = dY^T conj(X): re = dYr^T Xr + dYi^T Xi, im = dYi^T Xr - dYr^T Xi
+            xp.add(same[:, 0], same[:, 1], out=grad[:, 0, :, gi])
+            xp.subtract(cross[:, 0], cross[:, 1], out=grad[:, 1, :, gi])
+        kgrad = self._from_freq(grad.reshape(P, 2, qf, 1, self.m * cg), self.ik, "kg")
+        weight_blob.add_to_diff(kgrad.reshape(self.kh, self.kw, self.m, cg)
+                                .transpose(2, 3, 0, 1).reshape(weight_blob.shape))
 
 
 def worth_it(n, c, m, group, in_spatial, kernel, out_spatial, pad) -> bool:

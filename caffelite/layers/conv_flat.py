@@ -17,13 +17,15 @@ in the GEMM on a row of ones, and cropping the grid to the top is one copy.
 That pays where the copies weigh most against the GEMM: few input channels
 (the first layer of a net) and little thrown away (``worth_it``).
 
-The column buffer holds the whole batch (up to ``im2col.MAX_COL_ELEMENTS``) and
-is kept from forward to backward. Forward fills it ``chunk`` items at a time and
-runs each chunk's GEMM while its columns are still in the cache; backward runs
-few large GEMMs on it (many GEMMs between copies cost more than the cache saves,
-much more when the second core is busy). Backward puts dy on the grid with zeros
-at the thrown-away points; dW^T = [col; 1] @ dy^T (its last row is the bias
-gradient), dcol = W^T dy, and col2im is one shifted add per kernel offset.
+Every buffer is scratch from the arena all layers share (im2col.ARENA); nothing
+is kept from forward to backward. Forward builds the columns ``chunk`` items at a
+time and runs each chunk's GEMM while they are still in the cache. Backward puts
+dy on the grid with zeros at the thrown-away points and builds the columns again,
+chunk by chunk for the weight gradient (a whole batch of them was the largest
+buffer of CIFAR-10 quick; rebuilding costs about what the cache saves forward);
+dW^T = [col; 1] @ dy^T (its last row is the bias gradient). The data gradient
+takes spans of up to ``im2col.MAX_COL_ELEMENTS``: dcol = W^T dy, and col2im is
+one shifted add per kernel offset.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import math
 import numpy as np
 
 from . import im2col
-from .im2col import Geometry, Workspace
+from .im2col import ARENA, Geometry, Scratch, fill_outside
 
 #: A forward chunk's columns take about this many bytes, so they stay in the cache.
 CHUNK_BYTES = 1 << 23
@@ -80,8 +82,8 @@ class FlatConvolution:
         per_item = group * self.rows * self.pixels
         self.batch = _even(n, im2col.MAX_COL_ELEMENTS // per_item)                # backward
         self.chunk = _even(n, CHUNK_BYTES // (per_item * self.dtype.itemsize))    # forward
-        self.ws = Workspace()
-        self.x_ready = False  # the column buffer holds the last forward's columns
+        self.ws = Scratch()   # all scratch, from the shared arena: nothing is kept for backward
+        self.x_ready = False  # (kept columns: none, backward rebuilds them)
 
     @staticmethod
     def _spans(n: int, size: int):
@@ -97,10 +99,10 @@ class FlatConvolution:
         return col[:, :self.rows - self.bias].reshape(self.group, self.c // self.group,
                                                       self.g.kernel_count, n, self.pixels)
 
-    def _padded(self, role: str, n: int):
+    def _padded(self, role: str, n: int, fill=0):
         """A flat zero-padded buffer for n images, with a tail for the last plane's shifts."""
         return self.ws.get(self.xp, role, (n * self.c * self.plane + max(self.shifts),),
-                           self.dtype, fill=0)
+                           self.dtype, fill=fill)
 
     def _interior(self, flat, n: int):
         """The real images inside a flat padded buffer, (n, C, *S)."""
@@ -124,7 +126,8 @@ class FlatConvolution:
     def _on_grid(self, dy):
         """(n, M, *So) -> (G, M/G, n*pixels) on the grid, zeros at the thrown-away points."""
         n = dy.shape[0]
-        buf = self.ws.get(self.xp, "dy", (self.m, n) + self.grid, self.dtype, fill=0)
+        buf = self.ws.get(self.xp, "dy", (self.m, n) + self.grid, self.dtype)
+        fill_outside(buf, self.valid, 0)
         buf.swapaxes(0, 1)[self.valid] = dy
         return buf.reshape(self.group, self.m // self.group, n * self.pixels)
 
@@ -149,31 +152,35 @@ class FlatConvolution:
     # ---- the layer's passes --------------------------------------------------------------------
     def forward(self, x, weight, bias, y) -> None:
         """y (N, M, *So) = conv(x (N, C, *S)) + bias."""
+        with ARENA.scope():
+            self._forward(x, weight, bias, y)
+
+    def _forward(self, x, weight, bias, y) -> None:
         xp, g, mg = self.xp, self.group, self.m // self.group
         w = self.ws.get(xp, "w", (g, mg, self.rows), self.dtype)
         w[:, :, :self.rows - self.bias] = weight.reshape(g, mg, -1)
         if self.bias:
             w[:, :, -1] = bias.reshape(g, mg)
-        for b0, b1 in self._spans(x.shape[0], self.batch):
-            col = self._columns(b1 - b0)
+        for n0, n1 in self._spans(x.shape[0], self.chunk):
+            part = self._columns(n1 - n0)
             if self.bias:
-                col[:, -1] = 1
-            for n0, n1 in self._spans(b1 - b0, self.chunk):
-                part = col[:, :, n0 * self.pixels:n1 * self.pixels]
-                self._im2col(x[b0 + n0:b0 + n1], part)
-                out = self.ws.get(xp, "out", (g, mg, part.shape[2]), self.dtype)
-                if g == 1:   # (NumPy's stacked matmul is slower for a single matrix)
-                    xp.matmul(w[0], part[0], out=out[0])
-                else:
-                    xp.matmul(w, part, out=out)
-                grid = out.reshape((self.m, n1 - n0) + self.grid).swapaxes(0, 1)
-                y[b0 + n0:b0 + n1] = grid[self.valid]
-        # The columns stay for backward's weight gradient when one buffer held them all.
-        self.x_ready = x.shape[0] <= self.batch
+                part[:, -1] = 1
+            self._im2col(x[n0:n1], part)
+            out = self.ws.get(xp, "out", (g, mg, part.shape[2]), self.dtype)
+            if g == 1:   # (NumPy's stacked matmul is slower for a single matrix)
+                xp.matmul(w[0], part[0], out=out[0])
+            else:
+                xp.matmul(w, part, out=out)
+            grid = out.reshape((self.m, n1 - n0) + self.grid).swapaxes(0, 1)
+            y[n0:n1] = grid[self.valid]
 
     def backward(self, x, weight, dy, dx, weight_blob, bias_blob) -> None:
         """dx (or None) = conv^T(dy); the weight and bias blobs' diffs += their gradients
         (each unless None)."""
+        with ARENA.scope():
+            self._backward(x, weight, dy, dx, weight_blob, bias_blob)
+
+    def _backward(self, x, weight, dy, dx, weight_blob, bias_blob) -> None:
         xp, g, mg = self.xp, self.group, self.m // self.group
         rows = self.rows - self.bias
         if bias_blob is not None and (weight_blob is None or not self.bias):
@@ -182,25 +189,27 @@ class FlatConvolution:
         grad = None
         for n0, n1 in self._spans(dy.shape[0], self.batch):
             n = n1 - n0
-            dyg = self._on_grid(dy[n0:n1])
-            col = self._columns(n)
+            # The data gradient needs dy on the grid for the whole span; the weight gradient
+            # alone takes it a chunk at a time, with the columns (rebuilt as in forward, not
+            # kept: a whole batch of them would be the largest buffer of a small net).
+            dyg = self._on_grid(dy[n0:n1]) if dx is not None else None
             if weight_blob is not None:
-                if not self.x_ready:
+                for c0, c1 in self._spans(n, self.chunk):
+                    part = self._columns(c1 - c0)
                     if self.bias:
-                        col[:, -1] = 1
-                    self._im2col(x[n0:n1], col, "batch_pad")   # (forward's buffers are chunk-sized)
-                grad = self._weight_grad(col, dyg, grad)
+                        part[:, -1] = 1
+                    self._im2col(x[n0 + c0:n0 + c1], part)
+                    dyc = (self._on_grid(dy[n0 + c0:n0 + c1]) if dyg is None
+                           else dyg[:, :, c0 * self.pixels:c1 * self.pixels])
+                    grad = self._weight_grad(part, dyc, grad)
             if dx is not None:
-                self.x_ready = False   # the column gradient overwrites the columns
-                dcol = col
+                dcol = self._columns(n)
                 xp.matmul(weight.reshape(g, mg, -1).swapaxes(1, 2), dyg, out=dcol[:, :rows])
-                acc = self._padded("acc", n)
-                acc[...] = 0
+                acc = self._padded("acc", n, fill=0)
                 image = self._image_rows(dcol, n)
                 for i, shift in enumerate(self.shifts):
                     self._shifted(acc, n, shift)[...] += image[:, :, i]
                 dx[n0:n1] = self._interior(acc, n)
-        self.x_ready = False
         if grad is not None:
             # grad (G, rows, M/G): the (C/G, prod(K)) weights' rows, then the bias'.
             weight_blob.add_to_diff(grad[:, :rows].swapaxes(1, 2).reshape(weight_blob.shape))

@@ -13,10 +13,14 @@ into N), ``group`` G, kernel K, stride s, pad p, dilation d per spatial axis::
                    dx = Convolution's forward without bias, dW from the same GEMM.
 
 Every GEMM covers the whole batch (in chunks only when the column buffer would
-pass ``im2col.MAX_COL_ELEMENTS``). A 1x1 kernel with stride 1 and no pad skips
-im2col: the blob already is the column matrix, so forward and the data gradient
-are one matmul per item straight on the blobs. Several bottoms share the
-weights, one top each. ``engine`` CUDNN runs this same code for now.
+pass ``im2col.MAX_COL_ELEMENTS``). The columns and every other work buffer are
+scratch from the arena all layers share (im2col.ARENA, as Caffe's one column
+buffer): backward builds the columns again instead of keeping them from
+forward (on a GPU, where CuPy's pool serves the buffers, a single chunk's columns
+are kept for the weight gradient as before). A 1x1 kernel with stride 1 and no
+pad skips im2col: the blob already is the column matrix, so forward and the data
+gradient are one matmul per item straight on the blobs. Several bottoms share
+the weights, one top each. ``engine`` CUDNN runs this same code for now.
 
 On the CPU a stride-1 Convolution may run another engine instead, picked per
 layer by a measured rule: conv_dft.py (small DFTs as GEMMs: fewer FLOPs for 5x5
@@ -31,7 +35,7 @@ from ..fillers import fill
 from ..registry import register_layer
 from . import conv_dft, conv_flat, im2col
 from .base import Layer, check_not_in_place
-from .im2col import Columns, Geometry
+from .im2col import ARENA, Columns, Geometry
 
 #: None picks per layer (the DFT engine where it saves enough FLOPs, else the
 #: flat engine where it pays, else im2col + GEMM); "gemm", "flat" or "dft" force
@@ -250,13 +254,17 @@ class ConvolutionLayer(_ConvolutionBase):
     """Caffe's Convolution: weight (M, C/G, *K), bias (M,)."""
 
     def forward(self, bottom, top):
+        with ARENA.scope():   # the scratch buffers (im2col.Scratch) live for this call
+            self._forward(bottom, top)
+
+    def _forward(self, bottom, top):
         xp, cols = self.xp, self.columns
         engine = self.cpu_engine
         if engine is not None:
             for b, t in zip(bottom, top):
                 engine.forward(self._images(b, self.channels, self.in_spatial), self.blobs[0].data,
                                self._bias(), self._images(t, self.num_output, self.out_spatial))
-            # With several bottoms the kept input spectrum / columns are the last one's.
+            # With several bottoms the kept input spectrum is the last one's.
             engine.x_ready = engine.x_ready and len(bottom) == 1
             return
         w = self._weight()
@@ -272,11 +280,16 @@ class ConvolutionLayer(_ConvolutionBase):
                 out = cols.buffer(xp, "gemm", (self.num_output, col.shape[1]), col.dtype)
                 self._gemm(w, self._grouped(col), out=self._grouped(out))
                 cols.from_pixels(xp, out, y[n0:n1], self._bias())
-        # With one bottom and one chunk the 'col' buffer still holds these
-        # columns when backward runs, so the weight gradient reuses them.
-        self._col_ready = len(bottom) == 1 and len(self.chunks) == 1 and not self.pointwise
+        # On a GPU (buffers not from the arena) with one bottom and one chunk the 'col' buffer
+        # still holds these columns when backward runs, so the weight gradient reuses them.
+        self._col_ready = (self.device.is_gpu and len(bottom) == 1 and len(self.chunks) == 1
+                           and not self.pointwise)
 
     def backward(self, top, propagate_down, bottom):
+        with ARENA.scope():   # the scratch buffers (im2col.Scratch) live for this call
+            self._backward(top, propagate_down, bottom)
+
+    def _backward(self, top, propagate_down, bottom):
         xp, cols = self.xp, self.columns
         need_w = self.param_propagate_down[0]
         need_b = self.bias_term and self.param_propagate_down[1]
@@ -311,7 +324,7 @@ class ConvolutionLayer(_ConvolutionBase):
                         col = cols.to_pixels(xp, x[n0:n1], "x")
                     elif self._col_ready:
                         col, _ = cols.column_buffer(xp, n1 - n0, self.channels, self.out_spatial, dyp.dtype)
-                    else:
+                    else:   # (on the CPU always: the columns are scratch, not kept from forward)
                         col = cols.im2col(xp, x[n0:n1], self.out_spatial)
                     self._add_weight_grad(dyp, col)
                 if need_x:
@@ -329,6 +342,10 @@ class DeconvolutionLayer(_ConvolutionBase):
     deconvolution = True
 
     def forward(self, bottom, top):
+        with ARENA.scope():   # the scratch buffers (im2col.Scratch) live for this call
+            self._forward(bottom, top)
+
+    def _forward(self, bottom, top):
         xp, cols = self.xp, self.columns  # (no DFT engine: _dft_engine declines deconvolutions)
         w = self._weight()
         for b, t in zip(bottom, top):
@@ -345,6 +362,10 @@ class DeconvolutionLayer(_ConvolutionBase):
                 cols.col2im(xp, col, y[n0:n1], self._bias())
 
     def backward(self, top, propagate_down, bottom):
+        with ARENA.scope():   # the scratch buffers (im2col.Scratch) live for this call
+            self._backward(top, propagate_down, bottom)
+
+    def _backward(self, top, propagate_down, bottom):
         xp, cols = self.xp, self.columns
         need_w = self.param_propagate_down[0]
         w = self._weight()

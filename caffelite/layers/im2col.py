@@ -20,11 +20,18 @@ transposes. Layers see one canonical axis order, (*lead, n, *spatial), through
 views, so the choice never shows in their code.
 
 Everything works with ``xp`` = numpy or cupy and keeps the input dtype.
+
+Buffers that live only inside one layer call come, on the CPU, from one arena
+shared by every layer (``ARENA``, through ``Scratch``), so a net's scratch needs
+the memory of its largest layer call, not the sum over its layers.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import mmap
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +115,125 @@ class Workspace:
         self._store.clear()
 
 
+class Arena(threading.local):
+    """Scratch arrays that live inside one layer call, shared by every layer of this thread.
+
+    Layers run one at a time, so the scratch of a whole net needs only as much memory as
+    the largest single call, as Caffe's one shared column buffer. Inside ``scope()`` each
+    ``get`` hands out the next region of one flat byte buffer (the same one again for a
+    role asked for twice with one shape and dtype); leaving a scope frees what it handed
+    out, so a layer may nest scopes to give a step's buffers back early. The buffer grows
+    to the largest scope seen (a scope that does not fit gets mappings of its own until
+    the next one starts). Contents never survive a layer call: arrays a layer keeps from
+    forward to backward must not come from here. NumPy only: CuPy's pool already reuses
+    device memory.
+    """
+
+    ALIGN = 64   # bytes: every region starts on a cache line
+
+    def __init__(self):
+        self.block = np.empty(0, np.uint8)
+        self.used = 0      # bytes handed out in the open scopes
+        self.high = 0      # the most any scope needed
+        self.depth = 0
+        self.named: list = []   # per open scope: (role, shape, dtype) -> array
+
+    @contextlib.contextmanager
+    def scope(self):
+        if self.depth == 0 and self.high > self.block.size:
+            self.block = np.empty(0, np.uint8)   # (release the old block before the new one)
+            self.block = _mapped(self.high)
+        mark = self.used
+        self.depth += 1
+        self.named.append({})
+        try:
+            yield self
+        finally:
+            self.named.pop()
+            self.depth -= 1
+            self.used = mark
+
+    def get(self, shape: tuple, dtype, fill=None, role: str | None = None) -> np.ndarray:
+        """A (shape, dtype) array valid until the enclosing scope ends, filled when asked:
+        fresh, or for a ``role`` the one this scope already gave that role."""
+        if self.depth == 0:
+            raise RuntimeError("Arena.get outside Arena.scope()")
+        dtype = np.dtype(dtype)
+        key = (role, tuple(shape), dtype.str)
+        if role is not None and key in self.named[-1]:
+            array = self.named[-1][key]
+            if fill is not None:
+                array.fill(fill)
+            return array
+        start = -(-self.used // self.ALIGN) * self.ALIGN
+        end = start + math.prod(shape) * dtype.itemsize
+        self.used = end
+        self.high = max(self.high, end)
+        if end <= self.block.size:
+            array = self.block[start:end].view(dtype).reshape(shape)
+        else:
+            array = _mapped(end - start).view(dtype).reshape(shape)
+        if role is not None:
+            self.named[-1][key] = array
+        if fill is not None:
+            array.fill(fill)
+        return array
+
+    def nbytes(self) -> int:
+        return self.block.size
+
+
+def _mapped(nbytes: int) -> np.ndarray:
+    """nbytes of fresh memory in a mapping of their own: given back to the system as soon as
+    the last view goes (freed malloc memory can stay resident and raise the peak). Huge
+    pages where the system allows, as NumPy asks for its large arrays (strided copies into
+    a large buffer of small pages run ~30% slower on TLB misses)."""
+    area = mmap.mmap(-1, max(nbytes, 1))
+    if nbytes >= HUGE_PAGES_FROM and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            area.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return np.frombuffer(area, np.uint8)[:nbytes]
+
+
+#: Mappings at least this large ask for huge pages (NumPy's threshold too).
+HUGE_PAGES_FROM = 1 << 22
+
+
+#: The thread's shared scratch (see Arena).
+ARENA = Arena()
+
+
+class Scratch:
+    """A layer's buffers by role, as ``Workspace.get``: the roles in ``kept`` (which live from a
+    forward to its backward) and everything off NumPy from the layer's own Workspace, the
+    rest from ARENA, inside the layer call's ``ARENA.scope()``. An arena array is filled
+    with ``fill`` on every get (a Workspace one only when created), so callers that can
+    pass None and write just the border (``fill_outside``)."""
+
+    def __init__(self, kept: tuple = ()):
+        self.kept = frozenset(kept)
+        self.own = Workspace()
+
+    def get(self, xp, role: str, shape: tuple, dtype, fill=None):
+        if xp is not np or role in self.kept:
+            return self.own.get(xp, role, shape, dtype, fill)
+        return ARENA.get(shape, dtype, fill, role)
+
+
+def fill_outside(array, inner: tuple, value) -> None:
+    """Set every element of ``array`` outside the box ``inner`` (unit-step slices of its
+    leading axes) to ``value``: a padded buffer's border, without a pass over its interior."""
+    for axis, part in enumerate(inner):
+        start, stop, _ = part.indices(array.shape[axis])
+        head = tuple(inner[:axis])
+        if start > 0:
+            array[head + (slice(0, start),)] = value
+        if stop < array.shape[axis]:
+            array[head + (slice(stop, None),)] = value
+
+
 def _interior_index(geometry: Geometry, spatial) -> tuple:
     return (slice(None), slice(None)) + geometry.interior(spatial)
 
@@ -179,7 +305,7 @@ class Columns:
 
     def __init__(self, geometry: Geometry):
         self.g = geometry
-        self.ws = Workspace()
+        self.ws = Scratch()   # (on the CPU every buffer is scratch of one layer call)
         self.pixels = Pixels(False)
         self.chunk = 1
 

@@ -16,7 +16,8 @@ and k is not used::
     y = x * scale^-beta
     dx = dy * scale^-beta - (2 alpha beta / n^2) * x * sum_{window} dy y / scale
 
-Both window sums add n shifted slices of a zero-padded buffer: vectorised over
+Both window sums add n shifted slices of a zero-padded buffer (scratch from the
+arena all layers share, im2col.ARENA; only ``scale`` is kept for backward): vectorised over
 the whole batch, and exact (a running or cumulative sum over a long axis
 loses the small terms in float32). On a GPU both regions run caffelite.kernels.lrn
 instead: one pass forward, one backward.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from ..registry import register_layer
 from .base import Layer, check_not_in_place
+from .im2col import ARENA, fill_outside
 
 ACROSS_CHANNELS = 0
 WITHIN_CHANNEL = 1
@@ -50,7 +52,7 @@ class LRNLayer(Layer):
             raise self.error(f"unknown norm_region {self.region}",
                              hint="use ACROSS_CHANNELS or WITHIN_CHANNEL")
         self.scale = None   # (N, C, H, W), kept for backward
-        self._padded = None  # zero-padded work buffer
+        self._padded = None  # shape of the zero-padded work buffer (scratch from im2col.ARENA)
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
@@ -65,23 +67,26 @@ class LRNLayer(Layer):
             n, c, h, w = shape
             p = 2 * self.pre_pad
             padded = (n, c + p, h, w) if self.region == ACROSS_CHANNELS else (n, c, h + p, w + p)
-            self._padded = xp.zeros(padded, self.dtype)
+            self._padded = padded
 
     def _window_sum(self, values, out):
         """out = sum of ``values`` over each element's window (zero outside)."""
         n, p = self.size, self.pre_pad
-        buf = self._padded
+        buf = ARENA.get(self._padded, self.dtype, role="lrn_pad")
         if self.region == ACROSS_CHANNELS:
             c = values.shape[1]
-            buf[:, p:p + c] = values  # the pad stays zero
+            fill_outside(buf, (slice(None), slice(p, p + c)), 0)
+            buf[:, p:p + c] = values
             out[...] = buf[:, 0:c]
             for i in range(1, n):
                 out += buf[:, i:i + c]
         else:
             h, w = values.shape[2:]
+            fill_outside(buf, (slice(None), slice(None), slice(p, p + h), slice(p, p + w)), 0)
             buf[:, :, p:p + h, p:p + w] = values
             # Separable: sum the rows' windows into the (still zero-padded) columns, then the columns.
-            rows = buf[:, :, :, 0:w].copy()
+            rows = ARENA.get(buf.shape[:3] + (w,), self.dtype, role="lrn_rows")
+            rows[...] = buf[:, :, :, 0:w]
             for i in range(1, n):
                 rows += buf[:, :, :, i:i + w]
             out[...] = rows[:, :, 0:h]
@@ -106,7 +111,8 @@ class LRNLayer(Layer):
         xp = self.xp
         x, y, scale = bottom[0].data, top[0].data, self.scale
         xp.multiply(x, x, out=y)  # y holds x^2 until the end
-        self._window_sum(y, scale)
+        with ARENA.scope():
+            self._window_sum(y, scale)
         scale *= self.alpha / self._window_count()
         scale += self._shift()
         xp.power(scale, -self.beta, out=y)
@@ -126,11 +132,13 @@ class LRNLayer(Layer):
         xp = self.xp
         x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self.scale
         dx = bottom[0].diff
-        ratio = dy * y
-        ratio /= scale
-        self._window_sum(ratio, ratio)
-        ratio *= x
-        ratio *= 2.0 * self.alpha * self.beta / self._window_count()
-        xp.power(scale, -self.beta, out=dx)
-        dx *= dy
-        dx -= ratio
+        with ARENA.scope():
+            ratio = ARENA.get(dy.shape, dy.dtype)
+            xp.multiply(dy, y, out=ratio)
+            ratio /= scale
+            self._window_sum(ratio, ratio)
+            ratio *= x
+            ratio *= 2.0 * self.alpha * self.beta / self._window_count()
+            xp.power(scale, -self.beta, out=dx)
+            dx *= dy
+            dx -= ratio

@@ -25,9 +25,13 @@ each a flat (N*C*Hph*Wph) array. Kernel offset (kh, kw) then reads phase
 1-d slice, which NumPy processes about 10x faster than a stride-s view. The
 outputs are computed on the whole (N*C, Hph, Wph) grid, (Ho, Wo) of it used;
 when kernel <= stride tiles the image the grid is the top itself, written in
-place. Backward sums the windows into phases again: each phase's unshifted
-window writes it whole, so no pass zeroes the phases first. The first two
-windows of a forward are combined at once (no copy of the first one).
+place. Backward sums the windows into phases again, one phase at a time (a
+phase's windows touch only it, so one phase of scratch does): each phase's
+unshifted window writes it whole, so no pass zeroes it first. The first two
+windows of a forward are combined at once (no copy of the first one). Work
+buffers are scratch from the arena all layers share (im2col.ARENA), only the
+argmax offsets are kept from forward to backward; padding is written around the
+copied pixels, not by a pass over the whole buffer.
 
 On a GPU, MAX and AVE (global pooling included) run instead as Caffe's CUDA kernels do
 (caffelite/kernels/pooling.py): one thread per output forward, one per input element
@@ -42,7 +46,7 @@ import numpy as np
 
 from ..registry import register_layer
 from .base import Layer, TRAIN, check_not_in_place
-from .im2col import Geometry, Pixels, Workspace, copy_into, prefers_batch_last
+from .im2col import ARENA, Geometry, Pixels, Scratch, copy_into, fill_outside, prefers_batch_last
 
 MAX, AVE, STOCHASTIC = 0, 1, 2   # PoolingParameter.PoolMethod
 CEIL, FLOOR = 0, 1               # PoolingParameter.RoundMode
@@ -111,7 +115,8 @@ class PoolingLayer(Layer):
             if not self.global_pooling and any(p_ >= k for p_, k in zip(self.pad, self.kernel)):
                 raise self.error(f"pad {self.pad} must be smaller than the kernel {self.kernel}",
                                  hint="reduce pad")
-        self.ws = Workspace()
+        # Scratch from the shared arena; the argmax offsets stay from forward to backward.
+        self.ws = Scratch(kept=("index",))
         self.pixels = Pixels(False)
         self._divisor_key = None
         # GPU: MAX/AVE through the CUDA kernels; the argmax buffer is cached across iterations.
@@ -158,6 +163,9 @@ class PoolingLayer(Layer):
             self.shifts = [(kh % self.stride[0], kw % self.stride[1],
                             (kh // self.stride[0]) * wph + kw // self.stride[1])
                            for kh, kw in self.geometry.offsets()]
+            # Phases without an unshifted kernel offset (kernel < stride) get no window.
+            self.unwritten_phases = [(a, b) for a in range(self.stride[0]) for b in range(self.stride[1])
+                                     if a >= self.kernel[0] or b >= self.kernel[1]]
             # Past the last plane the shifted reads run into a tail of padding.
             self.phase_len = self.grid + max(shift for _, _, shift in self.shifts)
         # With kernel <= stride tiling the image (no pad, sizes divisible) the grid is the top.
@@ -191,9 +199,12 @@ class PoolingLayer(Layer):
 
     def _phases(self, x, fill, role):
         """The padded input split into flat phases (sh, sw, grid + tail), padding = ``fill``."""
-        buf = self.ws.get(self.xp, role, self.stride + (self.phase_len,), x.dtype, fill)
+        buf = self.ws.get(self.xp, role, self.stride + (self.phase_len,), x.dtype)
+        buf[:, :, self.grid:] = fill
         for (a, b), pi, pj, xi, xj in self.phase_copies:
-            self._phase_view(buf, a, b)[:, pi, pj] = x[:, xi, xj]
+            phase = self._phase_view(buf, a, b)
+            fill_outside(phase, (slice(None), pi, pj), fill)   # (scratch: no pass over the inside)
+            phase[:, pi, pj] = x[:, xi, xj]
         return buf
 
     def _crop(self, grid):
@@ -217,9 +228,10 @@ class PoolingLayer(Layer):
         if self.direct and not self.pixels.batch_last:
             return x
         _, canon = self.pixels.alloc(self.ws, self.xp, f"pad{fill}", (), self.planes, self.padded,
-                                     x.dtype, fill=fill)
-        copy_into(canon[(slice(None),) + self.geometry.interior(self.in_spatial)], x, 0,
-                  self.pixels.batch_last)
+                                     x.dtype)
+        inside = (slice(None),) + self.geometry.interior(self.in_spatial)
+        fill_outside(canon, inside, fill)
+        copy_into(canon[inside], x, 0, self.pixels.batch_last)
         return canon
 
     def _output(self, top_array, role="out"):
@@ -231,9 +243,14 @@ class PoolingLayer(Layer):
         return top_array
 
     def _scratch(self, role, dtype, fill=None):
-        """An output-shaped work array in this layer's pixel order (phased: a flat grid)."""
+        """An output-shaped work array in this layer's pixel order (phased: a flat grid, with
+        ``fill`` in the cells outside the outputs)."""
         if self.phased:
-            return self.ws.get(self.xp, role, (self.grid,), dtype, fill)
+            grid = self.ws.get(self.xp, role, (self.grid,), dtype)
+            if fill is not None:
+                fill_outside(grid.reshape((self.planes,) + self.phase_shape),
+                             (slice(None),) + tuple(slice(0, o) for o in self.out_spatial), fill)
+            return grid
         return self.pixels.alloc(self.ws, self.xp, role, (), self.planes, self.out_spatial, dtype)[1]
 
     def _index_buffer(self):
@@ -315,6 +332,10 @@ class PoolingLayer(Layer):
         if self._gpu:
             self._forward_gpu(bottom, top)
             return
+        with ARENA.scope():
+            self._forward_cpu(bottom, top)
+
+    def _forward_cpu(self, bottom, top) -> None:
         x = self._planes(bottom[0].data)
         y = self._planes(top[0].data)
         self._index_ready = False
@@ -440,6 +461,10 @@ class PoolingLayer(Layer):
         if self._gpu:
             self._backward_gpu(top, bottom)
             return
+        with ARENA.scope():
+            self._backward_cpu(top, bottom)
+
+    def _backward_cpu(self, top, bottom) -> None:
         xp = self.xp
         dx = self._planes(bottom[0].diff)
         dy = self._planes(top[0].diff)
@@ -461,11 +486,7 @@ class PoolingLayer(Layer):
             copy_into(grad, dy, 0, True)
         else:
             grad = dy
-        if self.phased:
-            # Each phase's first kernel offset (shift 0) covers its whole grid and overwrites it;
-            # the tail past the grid only ever receives zeros (from the grid's unused cells).
-            acc = self.ws.get(xp, "acc_phases", self.stride + (self.phase_len,), dx.dtype, fill=0)
-        else:
+        if not self.phased:
             if self.direct and not self.pixels.batch_last:
                 acc = dx
             else:
@@ -477,7 +498,8 @@ class PoolingLayer(Layer):
                 xp.divide(dy, self._divisor_array(grad.dtype), out=self._crop(share))
             else:
                 share = grad / self._divisor_array(grad.dtype)
-            for i, win in self._windows(acc):
+
+            def add(i, win):
                 if self._overwrites(i):
                     win[...] = share
                 else:
@@ -492,15 +514,29 @@ class PoolingLayer(Layer):
             index = self._index_buffer()
             hit = self._scratch("greater", bool)
             share = self._scratch("share", grad.dtype)
-            for i, win in self._windows(acc):
+
+            def add(i, win):
                 xp.equal(index, i, out=hit)
                 if self._overwrites(i):
                     xp.multiply(grad, hit, out=win)
                 else:
                     xp.multiply(grad, hit, out=share)
                     win += share
-        if self.phased:
-            for (a, b), pi, pj, xi, xj in self.phase_copies:
-                dx[:, xi, xj] = self._phase_view(acc, a, b)[:, pi, pj]
-        elif acc is not dx:
-            dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
+        if not self.phased:
+            for i, win in self._windows(acc):
+                add(i, win)
+            if acc is not dx:
+                dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
+            return
+        # Phased: a phase's windows touch only that phase, so the phases are summed one at a
+        # time in one phase of scratch. The first window of a phase (shift 0) covers its whole
+        # grid and overwrites it; the tail past the grid only receives the grid's unused zeros.
+        acc = self.ws.get(xp, "acc_phase", (self.phase_len,), dx.dtype)
+        acc[self.grid:] = 0
+        for (a, b), pi, pj, xi, xj in self.phase_copies:
+            if (a, b) in self.unwritten_phases:   # (kernel < stride: no window reaches it)
+                acc[:self.grid] = 0
+            for i, (pa, pb, shift) in enumerate(self.shifts):
+                if (pa, pb) == (a, b):
+                    add(i, acc[shift:shift + self.grid])
+            dx[:, xi, xj] = acc[:self.grid].reshape((self.planes,) + self.phase_shape)[:, pi, pj]
