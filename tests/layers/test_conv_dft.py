@@ -4,7 +4,7 @@ import pytest
 
 from caffelite.layers import conv_dft, convolution
 from layer_testing import check_gradient, run
-from test_convolution import FILLERS, conv_ref, cp
+from test_convolution import FILLERS, check_float32_close_to_float64, conv_ref, cp
 
 CASES = [
     ((3, 4, 7, 6), {"num_output": 6, "kernel_size": 3, "pad": 1}),
@@ -35,18 +35,7 @@ def test_matches_loops_and_gradient(shape, params, dft):
 
 def test_float32_close_to_float64(dft):
     x = np.random.default_rng(1).standard_normal((4, 6, 12, 12))
-    params = cp({"num_output": 8, "kernel_size": 5, "pad": 2, **FILLERS})
-    results = {}
-    for dtype in (np.float32, np.float64):
-        layer, bottom, top, (y,) = run("Convolution", [x.astype(dtype)], dtype=dtype, convolution_param=params)
-        assert y.dtype == dtype
-        top[0].set_diff(np.random.default_rng(2).standard_normal(y.shape).astype(dtype))
-        for blob in layer.blobs:
-            blob.set_diff(0)
-        layer.backward(top, [True], bottom)
-        results[dtype] = [y, bottom[0].cpu_diff().copy()] + [b.cpu_diff().copy() for b in layer.blobs]
-    for a, b in zip(results[np.float32], results[np.float64]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    check_float32_close_to_float64(x, cp({"num_output": 8, "kernel_size": 5, "pad": 2, **FILLERS}), seed=2)
 
 
 def test_stride_and_dilation_keep_gemm(dft):

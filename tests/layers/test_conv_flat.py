@@ -5,7 +5,7 @@ import pytest
 from caffelite.layers import conv_flat, convolution, im2col
 from caffelite.layers.im2col import Geometry
 from layer_testing import check_gradient, run
-from test_convolution import FILLERS, _geometry, conv_ref, cp
+from test_convolution import FILLERS, check_float32_close_to_float64, _geometry, conv_ref, cp
 
 CASES = [
     ((2, 3, 6, 5), {"num_output": 4, "kernel_size": 3}),
@@ -102,18 +102,7 @@ def test_weight_or_bias_gradient_alone(frozen, flat):
 
 def test_float32_close_to_float64(flat):
     x = np.random.default_rng(4).standard_normal((4, 3, 10, 10))
-    params = cp({"num_output": 5, "kernel_size": 5, "pad": 2, **FILLERS})
-    results = {}
-    for dtype in (np.float32, np.float64):
-        layer, bottom, top, (y,) = run("Convolution", [x.astype(dtype)], dtype=dtype, convolution_param=params)
-        assert y.dtype == dtype
-        top[0].set_diff(np.random.default_rng(5).standard_normal(y.shape).astype(dtype))
-        for blob in layer.blobs:
-            blob.set_diff(0)
-        layer.backward(top, [True], bottom)
-        results[dtype] = [y, bottom[0].cpu_diff().copy()] + [b.cpu_diff().copy() for b in layer.blobs]
-    for a, b in zip(results[np.float32], results[np.float64]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    check_float32_close_to_float64(x, cp({"num_output": 5, "kernel_size": 5, "pad": 2, **FILLERS}), seed=5)
 
 
 def test_strided_and_deconvolution_keep_im2col(flat):

@@ -95,6 +95,22 @@ CASES = [
 ]
 
 
+def check_float32_close_to_float64(x, params, seed: int) -> None:
+    """A Convolution's forward and backward in float32 agree with float64 (whichever engine the
+    caller's fixture forces)."""
+    results = {}
+    for dtype in (np.float32, np.float64):
+        layer, bottom, top, (y,) = run("Convolution", [x.astype(dtype)], dtype=dtype, convolution_param=params)
+        assert y.dtype == dtype
+        top[0].set_diff(np.random.default_rng(seed).standard_normal(y.shape).astype(dtype))
+        for blob in layer.blobs:
+            blob.set_diff(0)
+        layer.backward(top, [True], bottom)
+        results[dtype] = [y, bottom[0].cpu_diff().copy()] + [b.cpu_diff().copy() for b in layer.blobs]
+    for a, b in zip(results[np.float32], results[np.float64]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
 def _geometry(params, D):
     kernel = (params["kernel_h"], params["kernel_w"]) if "kernel_h" in params else \
         _per_axis(params["kernel_size"], D, None)
