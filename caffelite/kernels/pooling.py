@@ -27,15 +27,21 @@ import numpy as np
 from . import BLOCK, blocks, compiled
 
 SOURCE = r"""
+#define GEOMETRY const int H, const int W, const int Ho, const int Wo, const int kh, const int kw, \
+                 const int sh, const int sw, const int ph, const int pw
+#define GEOMETRY_ARGS H, W, Ho, Wo, kh, kw, sh, sw, ph, pw
+// Each kernel twice: name32 indexes with int, name64 with long long (arrays past 2^31 elements).
+#define INDEX_VARIANTS(name, impl, params, args) \
+    extern "C" __global__ void name##32 params { impl<int> args; } \
+    extern "C" __global__ void name##64 params { impl<long long> args; }
+
 __device__ __forceinline__ int imin(const int a, const int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(const int a, const int b) { return a > b ? a : b; }
 
 template <typename I>
 __device__ __forceinline__ void max_forward(
         const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw,
-        const int write_index, const int write_mask, const int nan_first) {
+        GEOMETRY, const int write_index, const int write_mask, const int nan_first) {
     const acc_t neg_inf = (acc_t)(-__int_as_float(0x7f800000));
     for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
          i += (I)blockDim.x * (I)gridDim.x) {
@@ -67,29 +73,10 @@ __device__ __forceinline__ void max_forward(
     }
 }
 
-extern "C" __global__ void max_pool_forward32(
-        const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw,
-        const int write_index, const int write_mask, const int nan_first) {
-    max_forward<int>(x, y, argmax, mask, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw,
-                     write_index, write_mask, nan_first);
-}
-
-extern "C" __global__ void max_pool_forward64(
-        const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw,
-        const int write_index, const int write_mask, const int nan_first) {
-    max_forward<long long>(x, y, argmax, mask, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw,
-                           write_index, write_mask, nan_first);
-}
-
 template <typename I>
 __device__ __forceinline__ void ave_forward(
         const T* __restrict__ x, T* __restrict__ y, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
+        GEOMETRY) {
     for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
          i += (I)blockDim.x * (I)gridDim.x) {
         const int ow = (int)(i % Wo);
@@ -111,20 +98,6 @@ __device__ __forceinline__ void ave_forward(
     }
 }
 
-extern "C" __global__ void ave_pool_forward32(
-        const T* __restrict__ x, T* __restrict__ y, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
-    ave_forward<int>(x, y, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
-}
-
-extern "C" __global__ void ave_pool_forward64(
-        const T* __restrict__ x, T* __restrict__ y, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
-    ave_forward<long long>(x, y, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
-}
-
 // Windows that contain input row h (padded coordinate h + p): oh in [start, end).
 __device__ __forceinline__ int window_start(const int h, const int k, const int s, const int p) {
     return (h + p < k) ? 0 : (h + p - k) / s + 1;
@@ -137,8 +110,7 @@ template <typename I>
 __device__ __forceinline__ void max_backward(
         const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
         const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
+        GEOMETRY) {
     for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
          i += (I)blockDim.x * (I)gridDim.x) {
         const int w = (int)(i % W);
@@ -160,27 +132,10 @@ __device__ __forceinline__ void max_backward(
     }
 }
 
-extern "C" __global__ void max_pool_backward32(
-        const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
-        const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
-    max_backward<int>(dy, argmax, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
-}
-
-extern "C" __global__ void max_pool_backward64(
-        const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
-        const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
-    max_backward<long long>(dy, argmax, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
-}
-
 template <typename I>
 __device__ __forceinline__ void ave_backward(
         const T* __restrict__ dy, T* __restrict__ dx, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
+        GEOMETRY) {
     for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
          i += (I)blockDim.x * (I)gridDim.x) {
         const int w = (int)(i % W);
@@ -203,19 +158,20 @@ __device__ __forceinline__ void ave_backward(
     }
 }
 
-extern "C" __global__ void ave_pool_backward32(
-        const T* __restrict__ dy, T* __restrict__ dx, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
-    ave_backward<int>(dy, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
-}
-
-extern "C" __global__ void ave_pool_backward64(
-        const T* __restrict__ dy, T* __restrict__ dx, const long long count,
-        const int H, const int W, const int Ho, const int Wo, const int kh, const int kw,
-        const int sh, const int sw, const int ph, const int pw) {
-    ave_backward<long long>(dy, dx, count, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
-}
+INDEX_VARIANTS(max_pool_forward, max_forward,
+               (const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
+                GEOMETRY, const int write_index, const int write_mask, const int nan_first),
+               (x, y, argmax, mask, count, GEOMETRY_ARGS, write_index, write_mask, nan_first))
+INDEX_VARIANTS(ave_pool_forward, ave_forward,
+               (const T* __restrict__ x, T* __restrict__ y, const long long count, GEOMETRY),
+               (x, y, count, GEOMETRY_ARGS))
+INDEX_VARIANTS(max_pool_backward, max_backward,
+               (const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
+                const long long count, GEOMETRY),
+               (dy, argmax, dx, count, GEOMETRY_ARGS))
+INDEX_VARIANTS(ave_pool_backward, ave_backward,
+               (const T* __restrict__ dy, T* __restrict__ dx, const long long count, GEOMETRY),
+               (dy, dx, count, GEOMETRY_ARGS))
 """
 
 _INT32_LIMIT = 2 ** 31 - 1
