@@ -5,7 +5,8 @@ import pytest
 from caffelite.layers import conv_flat, convolution, im2col
 from caffelite.layers.im2col import Geometry
 from layer_testing import check_gradient, run
-from test_convolution import FILLERS, check_float32_close_to_float64, _geometry, conv_ref, cp
+from test_convolution import (FILLERS, _geometry, check_float32_close_to_float64,
+                              check_one_parameter_frozen, conv_ref, cp)
 
 CASES = [
     ((2, 3, 6, 5), {"num_output": 4, "kernel_size": 3}),
@@ -84,19 +85,7 @@ def test_weight_or_bias_gradient_alone(frozen, flat):
     """With one of the parameters frozen the other's gradient is still right (the bias
     gradient then comes from a sum over dy instead of the GEMM's row of ones)."""
     x = np.random.default_rng(2).standard_normal((2, 3, 5, 5))
-    params = cp({"num_output": 2, "kernel_size": 3, "pad": 1, **FILLERS})
-    reference, ref_bottom, ref_top, _ = run("Convolution", [x], convolution_param=params)
-    layer, bottom, top, _ = run("Convolution", [x], convolution_param=params)
-    dy = np.random.default_rng(3).standard_normal(top[0].shape)
-    for lay, t in ((reference, ref_top), (layer, top)):
-        t[0].set_diff(dy)
-        for blob in lay.blobs:
-            blob.set_diff(0)
-    layer.param_propagate_down[frozen] = False
-    reference.backward(ref_top, [False], ref_bottom)
-    layer.backward(top, [False], bottom)
-    kept = 1 - frozen
-    np.testing.assert_allclose(layer.blobs[kept].cpu_diff(), reference.blobs[kept].cpu_diff(), rtol=1e-12)
+    layer, _, _ = check_one_parameter_frozen(x, frozen, seed=3, rtol=1e-12)
     assert not layer.blobs[frozen].cpu_diff().any()
 
 
