@@ -5,7 +5,6 @@ kernels/mixed.py); it is skipped cleanly without CuPy and a GPU."""
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from caffelite.backend import Device
 from caffelite.errors import ConfigError, TrainingError
@@ -18,6 +17,7 @@ from caffelite.solvers.base import create_solver
 from caffelite.solvers.flat_update import FlatUpdate
 from caffelite.solvers.mixed_precision import LossScaler
 from conftest import gpu_ready
+from solver_testing import solver_param_for
 
 N_ITEMS, DIM, CLASSES = 48, 8, 4
 
@@ -74,17 +74,7 @@ layer { name: "acc" type: "Accuracy" bottom: "y" bottom: "label" top: "acc" incl
 def solver_param(tmp_path=None, **fields):
     sp = pb.SolverParameter(base_lr=0.05, momentum=0.9, lr_policy="fixed", weight_decay=1e-4,
                             max_iter=60, random_seed=1701, display=0)
-    sp.net_param.CopyFrom(text_format.Parse(NET, pb.NetParameter()))
-    if tmp_path is not None:
-        sp.snapshot_prefix = str(tmp_path / "mp")
-    else:
-        sp.snapshot_after_train = False
-    for key, value in fields.items():
-        if isinstance(value, list):
-            getattr(sp, key).extend(value)
-        else:
-            setattr(sp, key, value)
-    return sp
+    return solver_param_for(sp, NET, tmp_path, "mp", fields)
 
 
 class LossLog:

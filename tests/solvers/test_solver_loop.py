@@ -7,9 +7,9 @@ from datetime import datetime
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 from conftest import FIXTURES
+from solver_testing import solver_param_for
 from caffelite.errors import ConfigError
 from caffelite.io.solverstate import extra_path, read_solverstate
 from caffelite.io.weights import load_weights
@@ -78,17 +78,7 @@ layer {{ name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" 
 def solver_param(tmp_path=None, batch=4, dropout=True, **fields) -> "pb.SolverParameter":
     sp = pb.SolverParameter(base_lr=0.05, momentum=0.9, lr_policy="step", gamma=0.5, stepsize=70,
                             weight_decay=1e-3, max_iter=20, random_seed=1701)
-    if tmp_path is not None:
-        sp.snapshot_prefix = str(tmp_path / "tiny")
-    else:
-        sp.snapshot_after_train = False
-    for key, value in fields.items():
-        if isinstance(value, list):
-            getattr(sp, key).extend(value)
-        else:
-            setattr(sp, key, value)
-    sp.net_param.CopyFrom(text_format.Parse(net_text(batch, dropout), pb.NetParameter()))
-    return sp
+    return solver_param_for(sp, net_text(batch, dropout), tmp_path, "tiny", fields)
 
 
 class Recorder:
