@@ -155,6 +155,8 @@ def blas_info() -> str:
 
 def worker(framework: str, threads: int) -> None:
     """Answer one JSON command per line on stdin with one JSON line on stdout."""
+    if framework == "caffelite":
+        import caffelite  # noqa: F401 - before NumPy, as the command line (its BLAS settings)
     benches: dict = {}
     out = sys.stdout
     sys.stdout = sys.stderr  # logging and prints of the frameworks stay off the channel

@@ -210,6 +210,17 @@ def test_import_is_lazy():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("given, expected", [(None, "20"), ("26", "26")])
+def test_import_sets_openblas_thread_timeout_unless_given(monkeypatch, given, expected):
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    if given is not None:
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", given)
+    code = "import os, caffelite; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
 def test_package_exports():
     assert caffelite.Net is caffelite.api.Net
     assert caffelite.P.Pooling.MAX == pb.PoolingParameter.MAX
