@@ -46,6 +46,7 @@ import numpy as np
 
 from ..registry import register_layer
 from .base import Layer, TRAIN, check_not_in_place
+from .cpu_threads import run_parts, split
 from .im2col import ARENA, Geometry, Pixels, Scratch, copy_into, fill_outside, prefers_batch_last
 
 MAX, AVE, STOCHASTIC = 0, 1, 2   # PoolingParameter.PoolMethod
@@ -170,6 +171,9 @@ class PoolingLayer(Layer):
             self.phase_len = self.grid + max(shift for _, _, shift in self.shifts)
         # With kernel <= stride tiling the image (no pad, sizes divisible) the grid is the top.
         self.grid_is_top = self.phased and self.phase_shape == out
+        # Phased work on the CPU runs in parts of whole planes, one per core (cpu_threads.py).
+        self.parts = (split(self.planes, h * w) if self.phased and self.xp is np
+                      else [(0, self.planes)])
         self._global_index = None
         self._index_ready = False
 
@@ -198,21 +202,35 @@ class PoolingLayer(Layer):
         return buf[a, b, :self.grid].reshape((self.planes,) + self.phase_shape)
 
     def _phases(self, x, fill, role):
-        """The padded input split into flat phases (sh, sw, grid + tail), padding = ``fill``."""
+        """The flat phases (sh, sw, grid + tail) of the padded input, padding = ``fill``: the
+        tail here, each part's planes by ``_fill_phases``."""
         buf = self.ws.get(self.xp, role, self.stride + (self.phase_len,), x.dtype)
         buf[:, :, self.grid:] = fill
-        for (a, b), pi, pj, xi, xj in self.phase_copies:
-            phase = self._phase_view(buf, a, b)
-            fill_outside(phase, (slice(None), pi, pj), fill)   # (scratch: no pass over the inside)
-            phase[:, pi, pj] = x[:, xi, xj]
         return buf
 
+    def _fill_phases(self, buf, x, fill, part) -> None:
+        """Copy the planes ``part`` of x into their phases, padding = ``fill``."""
+        planes = slice(*part)
+        for (a, b), pi, pj, xi, xj in self.phase_copies:
+            phase = self._phase_view(buf, a, b)[planes]
+            fill_outside(phase, (slice(None), pi, pj), fill)   # (scratch: no pass over the inside)
+            phase[:, pi, pj] = x[planes, xi, xj]
+
+    def _part(self, work, part):
+        """Planes [start, stop) of a work array: of a flat phased grid, or of (N*C, ...)."""
+        start, stop = part
+        if self.phased:
+            size = math.prod(self.phase_shape)
+            return work[start * size:stop * size]
+        return work[start:stop]
+
     def _crop(self, grid):
-        """The (N*C, Ho, Wo) outputs of a flat output grid."""
-        return grid.reshape((self.planes,) + self.phase_shape)[:, :self.out_spatial[0], :self.out_spatial[1]]
+        """The (planes, Ho, Wo) outputs of a flat output grid (or of a part of it)."""
+        return grid.reshape((-1,) + self.phase_shape)[:, :self.out_spatial[0], :self.out_spatial[1]]
 
     def _store(self, out, y) -> None:
-        """Copy the computed outputs ``out`` (a grid or a batch-last buffer) to the top."""
+        """Copy the computed outputs ``out`` (a grid, or a batch-last buffer; of one part
+        when phased) to the top (its planes)."""
         if self.grid_is_top:
             return   # computed in place (``_output``)
         if self.phased:
@@ -222,7 +240,7 @@ class PoolingLayer(Layer):
 
     def _padded_input(self, x, fill):
         """Canonical (N*C, Hb, Wb) view of ``x`` padded with ``fill`` (a view when no pad is needed);
-        phases (see ``_phases``) when this layer works phased."""
+        when this layer works phased, the phases' buffer (see ``_phases``), still to be filled."""
         if self.phased:
             return self._phases(x, fill, f"phases{fill}")
         if self.direct and not self.pixels.batch_last:
@@ -257,16 +275,19 @@ class PoolingLayer(Layer):
         """Argmax (or sampled) kernel offset per output."""
         return self._scratch("index", np.uint8 if math.prod(self.kernel) <= 256 else np.int32)
 
-    def _windows(self, image):
-        """(offset index, view of ``image`` for that kernel offset) for every offset; ``image``
-        is a padded input (strided views) or its phases (contiguous slices)."""
+    def _windows(self, image, part=None):
+        """(offset index, view of ``image`` for that kernel offset) for every offset, over the
+        planes ``part`` (all when None); ``image`` is a padded input (strided views) or its
+        phases (contiguous slices)."""
         g = self.geometry
+        start, stop = part or (0, self.planes)
         if self.phased:
+            size = math.prod(self.phase_shape)
             for i, (a, b, shift) in enumerate(self.shifts):
-                yield i, image[a, b, shift:shift + self.grid]
+                yield i, image[a, b, shift + start * size:shift + stop * size]
             return
         for i, offset in enumerate(g.offsets()):
-            yield i, image[(slice(None),) + g.window(offset, self.out_spatial)]
+            yield i, image[(slice(start, stop),) + g.window(offset, self.out_spatial)]
 
     def _overwrites(self, i: int) -> bool:
         """Whether backward writes kernel offset ``i``'s window instead of adding to it."""
@@ -341,49 +362,48 @@ class PoolingLayer(Layer):
         self._index_ready = False
         if self.global_fast:
             self._forward_global(x, y, top)
-            return
-        if self.method == MAX:
-            want_index = self.phase == TRAIN or len(top) > 1
-            out = self._output(y)
-            self._max(x, out, want_index)
-            self._store(out, y)
+        elif self.method == MAX:
+            self._max(x, self._output(y), self.phase == TRAIN or len(top) > 1, y)
             if len(top) > 1:
                 self._write_mask(self._planes(top[1].data))
         elif self.method == AVE:
-            out = self._output(y)
-            windows = self._windows(self._padded_input(x, 0))
-            _, first = next(windows)
-            if math.prod(self.kernel) == 1:
-                out[...] = first
-            for i, win in windows:
-                if i == 1:   # (the first window is never copied)
-                    self.xp.add(first, win, out=out)
-                else:
-                    out += win
-            if self.phased:
-                self.xp.divide(self._crop(out), self._divisor_array(out.dtype), out=y)
-            else:
-                out /= self._divisor_array(out.dtype)
-                self._store(out, y)
+            self._ave(x, y)
         else:
             self._stochastic(x, y)
 
-    def _max(self, x, out, want_index: bool) -> None:
+    def _max(self, x, out, want_index: bool, y=None) -> None:
+        """MAX pooling of x into ``out`` (see ``_output``), then into the top y unless None; with
+        ``want_index`` the argmax offsets too. Phased, in parts of planes at once."""
+        image = self._padded_input(x, -np.inf)
+        work = (None,) * 3
+        if want_index:
+            index = self._index_buffer()
+            work = (index, self._scratch("greater", bool), self._scratch("step", index.dtype))
+        store = y is not None and out is not y
+
+        def run(part):
+            if self.phased:
+                self._fill_phases(image, x, -np.inf, part)
+            part_out = self._part(out, part)
+            self._max_part(self._windows(image, part), part_out,
+                           *(None if a is None else self._part(a, part) for a in work))
+            if store:
+                self._store(part_out, y[slice(*part)])
+        run_parts(run, self.parts)
+        self._index_ready = want_index
+
+    def _max_part(self, windows, out, index, greater, step) -> None:
         xp = self.xp
-        windows = self._windows(self._padded_input(x, -np.inf))
         _, first = next(windows)
         if math.prod(self.kernel) == 1:
             out[...] = first
-        if not want_index:
+        if index is None:
             for i, win in windows:
                 xp.maximum(first if i == 1 else out, win, out=out)
             return
         # Masked copies branch on random masks and are slow; arithmetic is not.
         # A strictly greater value at offset i (offsets increase) makes the
         # index i, so the first maximum in window order wins, as in Caffe.
-        index = self._index_buffer()
-        greater = self._scratch("greater", bool)
-        step = self._scratch("step", index.dtype)
         if math.prod(self.kernel) == 1:
             index[...] = 0
         for i, win in windows:
@@ -396,7 +416,34 @@ class PoolingLayer(Layer):
             xp.maximum(out, win, out=out)
             xp.multiply(greater, index.dtype.type(i), out=step, casting="unsafe")
             xp.maximum(index, step, out=index)
-        self._index_ready = True
+
+    def _ave(self, x, y) -> None:
+        """AVE pooling of x into the top y; phased, in parts of planes at once."""
+        xp = self.xp
+        out = self._output(y)
+        image = self._padded_input(x, 0)
+        divisor = self._divisor_array(y.dtype)
+
+        def run(part):
+            if self.phased:
+                self._fill_phases(image, x, 0, part)
+            part_out = self._part(out, part)
+            windows = self._windows(image, part)
+            _, first = next(windows)
+            if math.prod(self.kernel) == 1:
+                part_out[...] = first
+            for i, win in windows:
+                if i == 1:   # (the first window is never copied)
+                    xp.add(first, win, out=part_out)
+                else:
+                    part_out += win
+            if self.phased:
+                xp.divide(self._crop(part_out), divisor, out=y[slice(*part)])
+            else:
+                part_out /= divisor
+        run_parts(run, self.parts)
+        if not self.phased:
+            self._store(out, y)
 
     def _write_mask(self, mask) -> None:
         """Argmax kernel offsets -> flat input indices h*W + w, as floats."""
@@ -476,67 +523,94 @@ class PoolingLayer(Layer):
                 flat[...] = 0
                 flat[xp.arange(self.planes), self._global_index] = dy.reshape(self.planes)
             return
-        if self.grid_is_top:
-            grad = dy.reshape(-1)
-        elif self.phased:
-            grad = self._scratch("dy", dy.dtype, fill=0)   # the grid's unused cells stay 0
-            self._crop(grad)[...] = dy
-        elif self.pixels.batch_last:
-            grad = self._output(dy, role="dy")
-            copy_into(grad, dy, 0, True)
+        if self.method != AVE and not self._index_ready:
+            if self.method == STOCHASTIC:
+                raise self.error("STOCHASTIC pooling has a gradient only in the TRAIN phase",
+                                 hint="run backward after a TRAIN forward")
+            self._max(self._planes(bottom[0].data),
+                      self._output(self._planes(top[0].data), role="recompute"), True)
+        divisor = self._divisor_array(dy.dtype) if self.method == AVE else None
+        if self.phased:
+            run_parts(lambda part: self._backward_phased(dy, dx, divisor, part), self.parts)
         else:
-            grad = dy
-        if not self.phased:
-            if self.direct and not self.pixels.batch_last:
-                acc = dx
-            else:
-                acc = self.pixels.alloc(self.ws, xp, "acc", (), self.planes, self.padded, dx.dtype)[1]
-            acc[...] = 0
-        if self.method == AVE:
-            if self.phased:
-                share = self._scratch("share", grad.dtype, fill=0)
-                xp.divide(dy, self._divisor_array(grad.dtype), out=self._crop(share))
-            else:
-                share = grad / self._divisor_array(grad.dtype)
+            self._backward_windows(dy, dx, divisor)
 
+    def _adder(self, share, grad=None, index=None, hit=None):
+        """add(i, window): kernel offset i's gradient into its window of the accumulator. AVE:
+        ``share`` is dy / pool size; MAX and STOCHASTIC: grad where ``index`` is i, with
+        ``share`` and ``hit`` as work arrays."""
+        xp = self.xp
+        if self.method == AVE:
             def add(i, win):
                 if self._overwrites(i):
                     win[...] = share
                 else:
                     win += share
-        else:
-            if not self._index_ready:
-                if self.method == STOCHASTIC:
-                    raise self.error("STOCHASTIC pooling has a gradient only in the TRAIN phase",
-                                     hint="run backward after a TRAIN forward")
-                self._max(self._planes(bottom[0].data), self._output(self._planes(top[0].data),
-                                                                      role="recompute"), True)
-            index = self._index_buffer()
-            hit = self._scratch("greater", bool)
-            share = self._scratch("share", grad.dtype)
+            return add
 
-            def add(i, win):
-                xp.equal(index, i, out=hit)
-                if self._overwrites(i):
-                    xp.multiply(grad, hit, out=win)
-                else:
-                    xp.multiply(grad, hit, out=share)
-                    win += share
-        if not self.phased:
-            for i, win in self._windows(acc):
-                add(i, win)
-            if acc is not dx:
-                dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
-            return
-        # Phased: a phase's windows touch only that phase, so the phases are summed one at a
-        # time in one phase of scratch. The first window of a phase (shift 0) covers its whole
-        # grid and overwrites it; the tail past the grid only receives the grid's unused zeros.
-        acc = self.ws.get(xp, "acc_phase", (self.phase_len,), dx.dtype)
-        acc[self.grid:] = 0
+        def add(i, win):
+            xp.equal(index, i, out=hit)
+            if self._overwrites(i):
+                xp.multiply(grad, hit, out=win)
+            else:
+                xp.multiply(grad, hit, out=share)
+                win += share
+        return add
+
+    def _backward_windows(self, dy, dx, divisor) -> None:
+        """Backward of the unphased layouts: every window summed into one padded accumulator."""
+        xp = self.xp
+        if self.pixels.batch_last:
+            grad = self._output(dy, role="dy")
+            copy_into(grad, dy, 0, True)
+        else:
+            grad = dy
+        if self.direct and not self.pixels.batch_last:
+            acc = dx
+        else:
+            acc = self.pixels.alloc(self.ws, xp, "acc", (), self.planes, self.padded, dx.dtype)[1]
+        acc[...] = 0
+        if self.method == AVE:
+            add = self._adder(grad / divisor)
+        else:
+            add = self._adder(self._scratch("share", grad.dtype), grad, self._index_buffer(),
+                              self._scratch("greater", bool))
+        for i, win in self._windows(acc):
+            add(i, win)
+        if acc is not dx:
+            dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
+
+    def _backward_phased(self, dy, dx, divisor, part) -> None:
+        """Backward of the planes ``part``, phased: a phase's windows touch only that phase, so
+        the phases are summed one at a time in one phase of scratch. The first window of a
+        phase (shift 0) covers its whole grid and overwrites it; the tail past the grid only
+        receives the grid's unused zeros."""
+        xp = self.xp
+        planes = slice(*part)
+        shape = (part[1] - part[0],) + self.phase_shape
+        size = math.prod(shape)
+        outputs = (slice(None),) + tuple(slice(0, o) for o in self.out_spatial)
+
+        def on_grid(role, values):
+            """The (planes, Ho, Wo) ``values`` on a flat grid whose unused cells are 0."""
+            grid = self.ws.get(xp, role, (size,), dy.dtype)
+            fill_outside(grid.reshape(shape), outputs, 0)
+            grid.reshape(shape)[outputs] = values
+            return grid
+
+        if self.method == AVE:
+            add = self._adder(on_grid("share", dy[planes] / divisor))
+        else:
+            grad = dy[planes].reshape(-1) if self.grid_is_top else on_grid("dy", dy[planes])
+            add = self._adder(self.ws.get(xp, "share", (size,), dy.dtype), grad,
+                              self._part(self._index_buffer(), part),
+                              self.ws.get(xp, "greater", (size,), bool))
+        acc = self.ws.get(xp, "acc_phase", (size + self.phase_len - self.grid,), dx.dtype)
+        acc[size:] = 0
         for (a, b), pi, pj, xi, xj in self.phase_copies:
             if (a, b) in self.unwritten_phases:   # (kernel < stride: no window reaches it)
-                acc[:self.grid] = 0
+                acc[:size] = 0
             for i, (pa, pb, shift) in enumerate(self.shifts):
                 if (pa, pb) == (a, b):
-                    add(i, acc[shift:shift + self.grid])
-            dx[:, xi, xj] = acc[:self.grid].reshape((self.planes,) + self.phase_shape)[:, pi, pj]
+                    add(i, acc[shift:shift + size])
+            dx[planes, xi, xj] = acc[:size].reshape(shape)[:, pi, pj]
