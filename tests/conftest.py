@@ -26,6 +26,18 @@ def _reset_caffelite_logger():
     logger.propagate = True
 
 
+@pytest.fixture(params=[1, 3])
+def cpu_parts(request, monkeypatch):
+    """Layers that split their CPU work into parts on several threads (cpu_threads.py) run
+    once in one part and once in parts on three threads, however small the work. Use as
+    ``pytestmark = pytest.mark.usefixtures("cpu_parts")``; the value is the thread count."""
+    from caffelite.layers import cpu_threads  # noqa: PLC0415
+
+    monkeypatch.setattr(cpu_threads, "cpu_threads", lambda: request.param)
+    monkeypatch.setattr(cpu_threads, "MIN_PART_ELEMENTS", 1 if request.param > 1 else 1 << 40)
+    return request.param
+
+
 # ---- devices: the same test body on the CPU and on a GPU ----------------------------------------
 def gpu_ready() -> bool:
     """CuPy imports and sees a CUDA device (never imports CuPy when it is not installed)."""

@@ -18,14 +18,16 @@ and k is not used::
 
 Both window sums add n shifted slices of a zero-padded buffer (scratch from the
 arena all layers share, im2col.ARENA; only ``scale`` is kept for backward): vectorised over
-the whole batch, and exact (a running or cumulative sum over a long axis
-loses the small terms in float32). On a GPU both regions run caffelite.kernels.lrn
-instead: one pass forward, one backward.
+the images, and exact (a running or cumulative sum over a long axis loses the small
+terms in float32). Images are independent, so the CPU runs them in parts on all cores
+(cpu_threads.py). On a GPU both regions run caffelite.kernels.lrn instead: one pass
+forward, one backward.
 """
 from __future__ import annotations
 
 from ..registry import register_layer
 from .base import Layer, check_not_in_place
+from .cpu_threads import run_parts, split
 from .im2col import ARENA, fill_outside
 
 ACROSS_CHANNELS = 0
@@ -52,36 +54,29 @@ class LRNLayer(Layer):
             raise self.error(f"unknown norm_region {self.region}",
                              hint="use ACROSS_CHANNELS or WITHIN_CHANNEL")
         self.scale = None   # (N, C, H, W), kept for backward
-        self._padded = None  # shape of the zero-padded work buffer (scratch from im2col.ARENA)
 
     def reshape(self, bottom, top):
         if bottom[0].num_axes != 4:
             raise self.error(f"needs a 4-axis bottom (N, C, H, W), got {bottom[0].shape}",
                              hint="reshape the bottom to N x C x H x W")
         top[0].reshape_like(bottom[0])
-        xp, shape = self.xp, bottom[0].shape
+        shape = bottom[0].shape
         if self.scale is None or self.scale.shape != shape:
-            self.scale = xp.empty(shape, self.dtype)
-            if self.device.is_gpu:
-                return  # the kernels need no work buffer
-            n, c, h, w = shape
-            p = 2 * self.pre_pad
-            padded = (n, c + p, h, w) if self.region == ACROSS_CHANNELS else (n, c, h + p, w + p)
-            self._padded = padded
+            self.scale = self.xp.empty(shape, self.dtype)
 
     def _window_sum(self, values, out):
         """out = sum of ``values`` over each element's window (zero outside)."""
         n, p = self.size, self.pre_pad
-        buf = ARENA.get(self._padded, self.dtype, role="lrn_pad")
+        b, c, h, w = values.shape
+        padded = (b, c + 2 * p, h, w) if self.region == ACROSS_CHANNELS else (b, c, h + 2 * p, w + 2 * p)
+        buf = ARENA.get(padded, self.dtype, role="lrn_pad")
         if self.region == ACROSS_CHANNELS:
-            c = values.shape[1]
             fill_outside(buf, (slice(None), slice(p, p + c)), 0)
             buf[:, p:p + c] = values
             out[...] = buf[:, 0:c]
             for i in range(1, n):
                 out += buf[:, i:i + c]
         else:
-            h, w = values.shape[2:]
             fill_outside(buf, (slice(None), slice(None), slice(p, p + h), slice(p, p + w)), 0)
             buf[:, :, p:p + h, p:p + w] = values
             # Separable: sum the rows' windows into the (still zero-padded) columns, then the columns.
@@ -99,6 +94,13 @@ class LRNLayer(Layer):
     def _shift(self) -> float:
         return self.k if self.region == ACROSS_CHANNELS else 1.0
 
+    def _in_parts(self, step, *arrays) -> None:
+        """step(*images of arrays) for parts of the images at once, on all cores."""
+        def run(part):
+            step(*(a[slice(*part)] for a in arrays))
+        with ARENA.scope():
+            run_parts(run, split(len(arrays[0]), arrays[0][0].size))
+
     def forward(self, bottom, top):
         if self.device.is_gpu:
             from ..kernels import lrn as kernels
@@ -108,11 +110,12 @@ class LRNLayer(Layer):
                             alpha_over_size=self.alpha / self._window_count(), k=self._shift(),
                             beta=self.beta)
             return
+        self._in_parts(self._forward_cpu, bottom[0].data, top[0].data, self.scale)
+
+    def _forward_cpu(self, x, y, scale) -> None:
         xp = self.xp
-        x, y, scale = bottom[0].data, top[0].data, self.scale
         xp.multiply(x, x, out=y)  # y holds x^2 until the end
-        with ARENA.scope():
-            self._window_sum(y, scale)
+        self._window_sum(y, scale)
         scale *= self.alpha / self._window_count()
         scale += self._shift()
         xp.power(scale, -self.beta, out=y)
@@ -129,16 +132,17 @@ class LRNLayer(Layer):
                              cache_ratio=2.0 * self.alpha * self.beta / self._window_count(),
                              beta=self.beta)
             return
+        self._in_parts(self._backward_cpu, bottom[0].data, top[0].data, top[0].diff, self.scale,
+                       bottom[0].diff)
+
+    def _backward_cpu(self, x, y, dy, scale, dx) -> None:
         xp = self.xp
-        x, y, dy, scale = bottom[0].data, top[0].data, top[0].diff, self.scale
-        dx = bottom[0].diff
-        with ARENA.scope():
-            ratio = ARENA.get(dy.shape, dy.dtype)
-            xp.multiply(dy, y, out=ratio)
-            ratio /= scale
-            self._window_sum(ratio, ratio)
-            ratio *= x
-            ratio *= 2.0 * self.alpha * self.beta / self._window_count()
-            xp.power(scale, -self.beta, out=dx)
-            dx *= dy
-            dx -= ratio
+        ratio = ARENA.get(dy.shape, dy.dtype)
+        xp.multiply(dy, y, out=ratio)
+        ratio /= scale
+        self._window_sum(ratio, ratio)
+        ratio *= x
+        ratio *= 2.0 * self.alpha * self.beta / self._window_count()
+        xp.power(scale, -self.beta, out=dx)
+        dx *= dy
+        dx -= ratio

@@ -8,6 +8,8 @@ from conftest import FIXTURES
 from golden import caffe_blob
 from layer_testing import check_gradient, run
 
+pytestmark = pytest.mark.usefixtures("cpu_parts")   # the images in one part and in three
+
 
 def f32(v):
     return float(np.float32(v))  # lrn_param fields are proto floats

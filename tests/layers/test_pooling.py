@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError
-from caffelite.layers import cpu_threads, im2col
+from caffelite.layers import im2col
 from caffelite.layers.base import TRAIN
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob
 from layer_testing import check_gradient, forward, make_layer, run, setup
+
+pytestmark = pytest.mark.usefixtures("cpu_parts")   # phased work in one part and in three
 
 
 def out_size(size, k, s, p, ceil_mode=True):
@@ -61,15 +63,6 @@ def pp(k=None, s=None, p=None, **extra):
         else:
             param[f"{name}_h"], param[f"{name}_w"] = value
     return param
-
-
-@pytest.fixture(autouse=True, params=[1, 3])
-def threads(request, monkeypatch):
-    """Every test runs with phased CPU work in one part, and in parts of planes on three
-    threads however small (cpu_threads.py)."""
-    monkeypatch.setattr(cpu_threads, "cpu_threads", lambda: request.param)
-    monkeypatch.setattr(cpu_threads, "MIN_PART_ELEMENTS", 1 if request.param > 1 else 1 << 40)
-    return request.param
 
 
 @pytest.fixture(params=["batch_first", "batch_last"])
@@ -150,14 +143,14 @@ def test_overlapping_max_windows_accumulate():
 @pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 6), 2, 2),     # phases == the top's grid
                                        ((2, 3, 9, 9), 3, 2),     # overlapping windows
                                        ((2, 2, 7, 7), 1, 2)])    # kernel 1: phases without windows
-def test_phased_backward_twice(method, shape, k, s, threads):
+def test_phased_backward_twice(method, shape, k, s, cpu_parts):
     """The phased backward overwrites each phase with its first window: a second backward with
     another dy must not see the first one's values."""
     x = np.random.default_rng(7).standard_normal(shape)
     layer, bottom, top, (y,) = run("Pooling", [x], phase=TRAIN,
                                    pooling_param={"pool": method, "kernel_size": k, "stride": s})
     assert layer.phased
-    assert len(layer.parts) == threads
+    assert len(layer.parts) == cpu_parts
     np.testing.assert_allclose(y, pool_ref(x, (k, k), (s, s), (0, 0), method)[0], rtol=1e-12)
     rs = np.random.default_rng(8)
     grads = []
