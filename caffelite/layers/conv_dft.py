@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from .cpu_threads import run_parts, split
 from .im2col import ARENA, Workspace
 
 #: Roles that live from a forward to its backward (per engine: the input's spectrum, for dW);
@@ -197,9 +198,17 @@ class DFTConvolution:
         with ARENA.scope():
             z = self._buf(role + "_z", (half, 2, qf, n, 2 * out_ch))
             for p0 in range(0, P, half):
-                p1 = min(P, p0 + half)
-                self._product_groups(spec[p0:p1], blocks[p0:p1], out_ch, out[p0:p1], z[:p1 - p0], conj)
+                def run(part, p0=p0):
+                    rows = slice(p0 + part[0], p0 + part[1])
+                    self._product_groups(spec[rows], blocks[rows], out_ch, out[rows],
+                                         z[slice(*part)], conj)
+                run_parts(run, self._parts(min(P, p0 + half) - p0, z[0].size))
         return out
+
+    def _parts(self, rows: int, elements_each: int) -> list:
+        """Parts of ``rows`` frequency rows for the cores (xp = numpy; one part on a GPU). The
+        products per frequency are small GEMMs that BLAS runs on one core each."""
+        return split(rows, elements_each) if self.xp is np else [(0, rows)]
 
     def _product_groups(self, spec, blocks, out_ch, out, z, conj) -> None:
         xp, g = self.xp, self.group
@@ -266,14 +275,18 @@ class DFTConvolution:
         grad = self._buf("w_spec", (P, 2, qf, g, mg, cg))
         same = self._buf("w_same", (P, 2, qf, mg, cg))
         cross = self._buf("w_cross", (P, 2, qf, mg, cg))
-        for gi in range(g):
-            d = dy_spec[..., gi * mg:(gi + 1) * mg].swapaxes(-1, -2)  # (P, 2, Qf, mg, N)
-            xs = self._x_spec[..., gi * cg:(gi + 1) * cg]               # (P, 2, Qf, N, cg)
-            xp.matmul(d, xs, out=same)            # [dYr^T Xr, dYi^T Xi]
-            xp.matmul(d[:, ::-1], xs, out=cross)  # [dYi^T Xr, dYr^T Xi]
-            # dG = dY^T conj(X): re = dYr^T Xr + dYi^T Xi, im = dYi^T Xr - dYr^T Xi
-            xp.add(same[:, 0], same[:, 1], out=grad[:, 0, :, gi])
-            xp.subtract(cross[:, 0], cross[:, 1], out=grad[:, 1, :, gi])
+
+        def run(part):   # the frequency rows ``part``
+            rows = slice(*part)
+            for gi in range(g):
+                d = dy_spec[rows, ..., gi * mg:(gi + 1) * mg].swapaxes(-1, -2)  # (p, 2, Qf, mg, N)
+                xs = self._x_spec[rows, ..., gi * cg:(gi + 1) * cg]               # (p, 2, Qf, N, cg)
+                xp.matmul(d, xs, out=same[rows])            # [dYr^T Xr, dYi^T Xi]
+                xp.matmul(d[:, ::-1], xs, out=cross[rows])  # [dYi^T Xr, dYr^T Xi]
+                # dG = dY^T conj(X): re = dYr^T Xr + dYi^T Xi, im = dYi^T Xr - dYr^T Xi
+                xp.add(same[rows, 0], same[rows, 1], out=grad[rows, 0, :, gi])
+                xp.subtract(cross[rows, 0], cross[rows, 1], out=grad[rows, 1, :, gi])
+        run_parts(run, self._parts(P, dy_spec[0].size + self._x_spec[0].size))
         kgrad = self._from_freq(grad.reshape(P, 2, qf, 1, self.m * cg), self.ik, "kg")
         weight_blob.add_to_diff(kgrad.reshape(self.kh, self.kw, self.m, cg)
                                 .transpose(2, 3, 0, 1).reshape(weight_blob.shape))

@@ -1,10 +1,12 @@
 """A CPU layer's independent parts run on all the cores at once.
 
 BLAS uses every core, but a NumPy pass runs on one. A layer whose time goes to
-such passes (pooling) cuts its planes into parts with disjoint outputs and hands
-them to ``run_parts``: the calling thread runs the first part, worker threads the
-others, and NumPy lets go of the GIL inside its loops, so the parts overlap. Each
-part runs inside an ``ARENA.scope()`` of its thread (the arena is per thread).
+such passes (pooling, LRN) cuts its work into parts with disjoint outputs and
+hands them to ``run_parts``: the calling thread runs the first part, worker
+threads the others, and NumPy lets go of the GIL inside its loops, so the parts
+overlap. The caller takes all scratch from its arena (im2col.ARENA) before, and
+each part works in its slice of it, so parts cost no more memory than one call;
+a worker thread has no arena scope, so a part that asks the arena itself fails.
 
 The thread count is what BLAS is told, ``OMP_NUM_THREADS`` or
 ``OPENBLAS_NUM_THREADS``, else the number of CPUs this process may run on.
@@ -14,8 +16,6 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-
-from .im2col import ARENA
 
 #: Work smaller than this many elements per part is not worth a thread hand-off (~20 us).
 MIN_PART_ELEMENTS = 1 << 16
@@ -51,18 +51,13 @@ def run_parts(fn, parts) -> None:
             fn(part)
         return
     pool = _workers(len(parts) - 1)
-    futures = [pool.submit(_in_scope, fn, part) for part in parts[1:]]
+    futures = [pool.submit(fn, part) for part in parts[1:]]
     try:
         fn(parts[0])
     finally:
         wait(futures)
     for future in futures:
         future.result()
-
-
-def _in_scope(fn, part) -> None:
-    with ARENA.scope():
-        fn(part)
 
 
 def _workers(count: int) -> ThreadPoolExecutor:

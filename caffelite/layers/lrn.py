@@ -25,6 +25,8 @@ forward, one backward.
 """
 from __future__ import annotations
 
+import math
+
 from ..registry import register_layer
 from .base import Layer, check_not_in_place
 from .cpu_threads import run_parts, split
@@ -64,12 +66,20 @@ class LRNLayer(Layer):
         if self.scale is None or self.scale.shape != shape:
             self.scale = self.xp.empty(shape, self.dtype)
 
-    def _window_sum(self, values, out):
-        """out = sum of ``values`` over each element's window (zero outside)."""
+    def _window_buffers(self, shape) -> tuple:
+        """Scratch for ``_window_sum`` over images of ``shape``: the zero-padded values and,
+        within a channel, the rows' window sums."""
+        b, c, h, w = shape
+        p = 2 * self.pre_pad
+        if self.region == ACROSS_CHANNELS:
+            return (ARENA.get((b, c + p, h, w), self.dtype),)
+        return ARENA.get((b, c, h + p, w + p), self.dtype), ARENA.get((b, c, h + p, w), self.dtype)
+
+    def _window_sum(self, values, out, buf, rows=None):
+        """out = sum of ``values`` over each element's window (zero outside), in the scratch of
+        ``_window_buffers``."""
         n, p = self.size, self.pre_pad
-        b, c, h, w = values.shape
-        padded = (b, c + 2 * p, h, w) if self.region == ACROSS_CHANNELS else (b, c, h + 2 * p, w + 2 * p)
-        buf = ARENA.get(padded, self.dtype, role="lrn_pad")
+        c, h, w = values.shape[1:]
         if self.region == ACROSS_CHANNELS:
             fill_outside(buf, (slice(None), slice(p, p + c)), 0)
             buf[:, p:p + c] = values
@@ -80,7 +90,6 @@ class LRNLayer(Layer):
             fill_outside(buf, (slice(None), slice(None), slice(p, p + h), slice(p, p + w)), 0)
             buf[:, :, p:p + h, p:p + w] = values
             # Separable: sum the rows' windows into the (still zero-padded) columns, then the columns.
-            rows = ARENA.get(buf.shape[:3] + (w,), self.dtype, role="lrn_rows")
             rows[...] = buf[:, :, :, 0:w]
             for i in range(1, n):
                 rows += buf[:, :, :, i:i + w]
@@ -94,12 +103,14 @@ class LRNLayer(Layer):
     def _shift(self) -> float:
         return self.k if self.region == ACROSS_CHANNELS else 1.0
 
-    def _in_parts(self, step, *arrays) -> None:
-        """step(*images of arrays) for parts of the images at once, on all cores."""
-        def run(part):
-            step(*(a[slice(*part)] for a in arrays))
+    def _in_parts(self, step, *arrays, scratch=()) -> None:
+        """step(*its images of arrays, *its images of scratch) for parts of the images at once,
+        on all cores; ``scratch(shape)`` gives the whole batch's scratch arrays."""
+        shape = arrays[0].shape
         with ARENA.scope():
-            run_parts(run, split(len(arrays[0]), arrays[0][0].size))
+            whole = arrays + (scratch(shape) if scratch else ())
+            run_parts(lambda part: step(*(a[slice(*part)] for a in whole)),
+                      split(shape[0], math.prod(shape[1:])))
 
     def forward(self, bottom, top):
         if self.device.is_gpu:
@@ -110,12 +121,13 @@ class LRNLayer(Layer):
                             alpha_over_size=self.alpha / self._window_count(), k=self._shift(),
                             beta=self.beta)
             return
-        self._in_parts(self._forward_cpu, bottom[0].data, top[0].data, self.scale)
+        self._in_parts(self._forward_cpu, bottom[0].data, top[0].data, self.scale,
+                       scratch=self._window_buffers)
 
-    def _forward_cpu(self, x, y, scale) -> None:
+    def _forward_cpu(self, x, y, scale, *buffers) -> None:
         xp = self.xp
         xp.multiply(x, x, out=y)  # y holds x^2 until the end
-        self._window_sum(y, scale)
+        self._window_sum(y, scale, *buffers)
         scale *= self.alpha / self._window_count()
         scale += self._shift()
         xp.power(scale, -self.beta, out=y)
@@ -133,14 +145,14 @@ class LRNLayer(Layer):
                              beta=self.beta)
             return
         self._in_parts(self._backward_cpu, bottom[0].data, top[0].data, top[0].diff, self.scale,
-                       bottom[0].diff)
+                       bottom[0].diff, scratch=lambda shape: (ARENA.get(shape, self.dtype),
+                                                              *self._window_buffers(shape)))
 
-    def _backward_cpu(self, x, y, dy, scale, dx) -> None:
+    def _backward_cpu(self, x, y, dy, scale, dx, ratio, *buffers) -> None:
         xp = self.xp
-        ratio = ARENA.get(dy.shape, dy.dtype)
         xp.multiply(dy, y, out=ratio)
         ratio /= scale
-        self._window_sum(ratio, ratio)
+        self._window_sum(ratio, ratio, *buffers)
         ratio *= x
         ratio *= 2.0 * self.alpha * self.beta / self._window_count()
         xp.power(scale, -self.beta, out=dx)

@@ -531,7 +531,16 @@ class PoolingLayer(Layer):
                       self._output(self._planes(top[0].data), role="recompute"), True)
         divisor = self._divisor_array(dy.dtype) if self.method == AVE else None
         if self.phased:
-            run_parts(lambda part: self._backward_phased(dy, dx, divisor, part), self.parts)
+            # Each part works in its planes of whole-grid scratch, and in its own stretch of the
+            # accumulator (its planes plus a tail): parts cost no more memory than one.
+            work = {"share": self._scratch("share", dy.dtype)}
+            if self.method != AVE:
+                work.update(index=self._index_buffer(), hit=self._scratch("greater", bool),
+                            dy=None if self.grid_is_top else self._scratch("dy", dy.dtype))
+            tail = self.phase_len - self.grid
+            acc = self.ws.get(xp, "acc_phase", (self.grid + len(self.parts) * tail,), dx.dtype)
+            run_parts(lambda job: self._backward_phased(dy, dx, divisor, work, acc, *job),
+                      enumerate(self.parts))
         else:
             self._backward_windows(dy, dx, divisor)
 
@@ -580,37 +589,44 @@ class PoolingLayer(Layer):
         if acc is not dx:
             dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
 
-    def _backward_phased(self, dy, dx, divisor, part) -> None:
-        """Backward of the planes ``part``, phased: a phase's windows touch only that phase, so
-        the phases are summed one at a time in one phase of scratch. The first window of a
-        phase (shift 0) covers its whole grid and overwrites it; the tail past the grid only
-        receives the grid's unused zeros."""
+    def _backward_phased(self, dy, dx, divisor, work, acc, i, part) -> None:
+        """Backward of the planes ``part`` (the i-th), phased: a phase's windows touch only that
+        phase, so the phases are summed one at a time in one phase of scratch. The first window
+        of a phase (shift 0) covers its whole grid and overwrites it; the tail past the grid
+        only receives the grid's unused zeros."""
         xp = self.xp
         planes = slice(*part)
         shape = (part[1] - part[0],) + self.phase_shape
         size = math.prod(shape)
         outputs = (slice(None),) + tuple(slice(0, o) for o in self.out_spatial)
 
-        def on_grid(role, values):
-            """The (planes, Ho, Wo) ``values`` on a flat grid whose unused cells are 0."""
-            grid = self.ws.get(xp, role, (size,), dy.dtype)
-            fill_outside(grid.reshape(shape), outputs, 0)
-            grid.reshape(shape)[outputs] = values
+        def on_grid(name):
+            """This part's planes of a flat work grid, its unused cells 0, as (planes, Hph, Wph)."""
+            grid = self._part(work[name], part).reshape(shape)
+            fill_outside(grid, outputs, 0)
             return grid
 
         if self.method == AVE:
-            add = self._adder(on_grid("share", dy[planes] / divisor))
+            share = on_grid("share")
+            xp.divide(dy[planes], divisor, out=share[outputs])
+            add = self._adder(share.reshape(-1))
         else:
-            grad = dy[planes].reshape(-1) if self.grid_is_top else on_grid("dy", dy[planes])
-            add = self._adder(self.ws.get(xp, "share", (size,), dy.dtype), grad,
-                              self._part(self._index_buffer(), part),
-                              self.ws.get(xp, "greater", (size,), bool))
-        acc = self.ws.get(xp, "acc_phase", (size + self.phase_len - self.grid,), dx.dtype)
+            if work["dy"] is None:
+                grad = dy[planes].reshape(-1)
+            else:
+                grad = on_grid("dy")
+                grad[outputs] = dy[planes]
+                grad = grad.reshape(-1)
+            add = self._adder(self._part(work["share"], part), grad,
+                              self._part(work["index"], part), self._part(work["hit"], part))
+        tail = self.phase_len - self.grid
+        start = part[0] * math.prod(self.phase_shape) + i * tail
+        acc = acc[start:start + size + tail]
         acc[size:] = 0
         for (a, b), pi, pj, xi, xj in self.phase_copies:
             if (a, b) in self.unwritten_phases:   # (kernel < stride: no window reaches it)
                 acc[:size] = 0
-            for i, (pa, pb, shift) in enumerate(self.shifts):
+            for k, (pa, pb, shift) in enumerate(self.shifts):
                 if (pa, pb) == (a, b):
-                    add(i, acc[shift:shift + size])
+                    add(k, acc[shift:shift + size])
             dx[planes, xi, xj] = acc[:size].reshape(shape)[:, pi, pj]

@@ -7,6 +7,8 @@ from layer_testing import check_gradient, run
 from test_convolution import (FILLERS, check_float32_close_to_float64, check_one_parameter_frozen,
                               conv_ref, cp)
 
+pytestmark = pytest.mark.usefixtures("cpu_parts")   # the frequencies in one part and in three
+
 CASES = [
     ((3, 4, 7, 6), {"num_output": 6, "kernel_size": 3, "pad": 1}),
     ((2, 4, 8, 9), {"num_output": 4, "kernel_size": 5, "pad": 2, "group": 2}),
