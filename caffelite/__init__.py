@@ -10,12 +10,12 @@ The pycaffe-style API is loaded on first use, so ``import caffelite`` stays chea
 import os as _os
 
 # OpenBLAS's idle threads spin for 2**28 cycles (about 0.1 s) after each call before
-# they sleep, so between the GEMMs of a step they keep every core busy while NumPy
-# works on one. On a 2-vCPU VM that made CIFAR-10 quick swing between 60 and 110 ms a
-# step for minutes at a time; with 2**20 cycles, about as long as OpenMP's default spin
-# (what PyTorch's threads do), it stayed at 60-72 ms. OpenBLAS reads this when it loads,
-# so it counts only if NumPy is imported after caffelite (the command line always is);
-# a value in the environment wins.
+# they sleep, so between the GEMMs of a step they hold every core, and the threads
+# that run NumPy passes in parts (layers/cpu_threads.py) find none free: on 2 cores,
+# CIFAR-10 quick took 64.7 ms a step in one part and 63.8 in two. With 2**20 cycles,
+# about as long as OpenMP's default spin, it was 65.1 against 53.2. OpenBLAS reads
+# this when it loads, so it counts only if NumPy is imported after caffelite (the
+# command line always is); a value in the environment wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 TRAIN, TEST = 0, 1  # caffe.Phase
