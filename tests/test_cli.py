@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from caffelite.cli import main
-from conftest import FIXTURES
+from conftest import FIXTURES, gpu_ready
 
 LENET = FIXTURES / "lenet"
 
@@ -69,6 +69,7 @@ def test_time_prints_per_layer_table(capsys, monkeypatch):
         assert line in err
 
 
+@pytest.mark.skipif(gpu_ready(), reason="a GPU is here: device_query reports it (tests/test_gpu_support.py)")
 def test_device_query_without_gpu(capsys):
     code, out, _ = run_cli(["device_query"], capsys)
     assert code == 0
