@@ -43,33 +43,80 @@ __device__ __forceinline__ acc_t lrn_ratio(const T* __restrict__ y, const T* __r
     return ld(dy[at]) * ld(y[at]) / ld(scale[at]);
 }
 
-// Thread i: n = i / (nchunks * hw), chunk = (i / hw) % nchunks, pixel p = i % hw.
+// Thread i of a grid-stride loop over count threads.
+#define FOR_EACH(i, count) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; \
+         i += (long long)blockDim.x * gridDim.x)
+
+// ACROSS_CHANNELS, thread i: n = i / (nchunks * hw), chunk = (i / hw) % nchunks, pixel
+// p = i % hw. It walks the chunk's channels c with the running window sum of term(at) (at: an
+// element's offset), started with a direct sum, and hands each channel's sum to out(at, sum).
+template <typename Term, typename Out>
+__device__ __forceinline__ void walk_channels(
+        const long long i, const int channels, const long long hw, const int chunk,
+        const int nchunks, const int pre, const int post, Term term, Out out) {
+    const long long p = i % hw;
+    const long long rest = i / hw;
+    const int c0 = (int)(rest % nchunks) * chunk;
+    const int c1 = min(channels, c0 + chunk);
+    const long long base = (rest / nchunks) * channels * hw + p;  // (n, 0, h, w)
+    acc_t sum = 0;
+    for (int j = max(0, c0 - pre); j <= min(channels - 1, c0 + post); ++j)
+        sum += term(base + j * hw);
+    for (int c = c0; c < c1; ++c) {
+        if (c > c0) {
+            if (c - pre - 1 >= 0) sum -= term(base + (c - pre - 1) * hw);
+            if (c + post < channels) sum += term(base + (c + post) * hw);
+        }
+        out(base + c * hw, sum);
+    }
+}
+
+// WITHIN_CHANNEL, thread i: element i of (N, C, H, W); the sum of term(at) over its window,
+// rows [h - pre, h + post] and columns [w - pre, w + post] clipped to the map.
+template <typename Term>
+__device__ __forceinline__ acc_t window_sum(const long long i, const int height, const int width,
+                                            const int pre, const int post, Term term) {
+    const int w = (int)(i % width);
+    const long long t = i / width;
+    const int h = (int)(t % height);
+    const long long plane = (t / height) * height * width;
+    const int h1 = min(height - 1, h + post), w1 = min(width - 1, w + post);
+    acc_t sum = 0;
+    for (int hh = max(0, h - pre); hh <= h1; ++hh)
+        for (int ww = max(0, w - pre); ww <= w1; ++ww)
+            sum += term(plane + (long long)hh * width + ww);
+    return sum;
+}
+
+// scale = k + alpha_over_size * sum (kept for backward); y = x * scale^-beta.
+__device__ __forceinline__ void lrn_output(const T* __restrict__ x, T* __restrict__ scale,
+                                           T* __restrict__ y, const long long at, const acc_t sum,
+                                           const acc_t alpha_over_size, const acc_t k,
+                                           const acc_t neg_beta) {
+    const T s = st(k + alpha_over_size * sum);
+    scale[at] = s;
+    y[at] = st(ld(x[at]) * lrn_pow(ld(s), neg_beta));
+}
+
+// dx = dy * scale^-beta - cache_ratio * x * sum.
+__device__ __forceinline__ void lrn_diff(const T* __restrict__ x, const T* __restrict__ dy,
+                                         const T* __restrict__ scale, T* __restrict__ dx,
+                                         const long long at, const acc_t sum,
+                                         const acc_t cache_ratio, const acc_t neg_beta) {
+    dx[at] = st(ld(dy[at]) * lrn_pow(ld(scale[at]), neg_beta) - cache_ratio * ld(x[at]) * sum);
+}
+
 extern "C" __global__ void lrn_across_forward(
         const T* __restrict__ x, T* __restrict__ scale, T* __restrict__ y,
         const long long count, const int channels, const long long hw, const int chunk,
         const int nchunks, const int pre, const int post,
         const acc_t alpha_over_size, const acc_t k, const acc_t neg_beta) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-         i += (long long)blockDim.x * gridDim.x) {
-        const long long p = i % hw;
-        const long long rest = i / hw;
-        const int c0 = (int)(rest % nchunks) * chunk;
-        const int c1 = min(channels, c0 + chunk);
-        const long long base = (rest / nchunks) * channels * hw + p;  // (n, 0, h, w)
-        acc_t sum = 0;
-        for (int j = max(0, c0 - pre); j <= min(channels - 1, c0 + post); ++j)
-            sum += lrn_square(x, base + j * hw);
-        for (int c = c0; c < c1; ++c) {
-            if (c > c0) {
-                if (c - pre - 1 >= 0) sum -= lrn_square(x, base + (c - pre - 1) * hw);
-                if (c + post < channels) sum += lrn_square(x, base + (c + post) * hw);
-            }
-            const long long at = base + c * hw;
-            const T s = st(k + alpha_over_size * sum);
-            scale[at] = s;
-            y[at] = st(ld(x[at]) * lrn_pow(ld(s), neg_beta));
-        }
-    }
+    FOR_EACH(i, count)
+        walk_channels(i, channels, hw, chunk, nchunks, pre, post,
+                      [&](const long long at) { return lrn_square(x, at); },
+                      [&](const long long at, const acc_t sum) {
+                          lrn_output(x, scale, y, at, sum, alpha_over_size, k, neg_beta); });
 }
 
 extern "C" __global__ void lrn_across_backward(
@@ -78,49 +125,21 @@ extern "C" __global__ void lrn_across_backward(
         const long long count, const int channels, const long long hw, const int chunk,
         const int nchunks, const int pre, const int post,
         const acc_t cache_ratio, const acc_t neg_beta) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-         i += (long long)blockDim.x * gridDim.x) {
-        const long long p = i % hw;
-        const long long rest = i / hw;
-        const int c0 = (int)(rest % nchunks) * chunk;
-        const int c1 = min(channels, c0 + chunk);
-        const long long base = (rest / nchunks) * channels * hw + p;
-        acc_t sum = 0;
-        for (int j = max(0, c0 - pre); j <= min(channels - 1, c0 + post); ++j)
-            sum += lrn_ratio(y, dy, scale, base + j * hw);
-        for (int c = c0; c < c1; ++c) {
-            if (c > c0) {
-                if (c - pre - 1 >= 0) sum -= lrn_ratio(y, dy, scale, base + (c - pre - 1) * hw);
-                if (c + post < channels) sum += lrn_ratio(y, dy, scale, base + (c + post) * hw);
-            }
-            const long long at = base + c * hw;
-            dx[at] = st(ld(dy[at]) * lrn_pow(ld(scale[at]), neg_beta)
-                        - cache_ratio * ld(x[at]) * sum);
-        }
-    }
+    FOR_EACH(i, count)
+        walk_channels(i, channels, hw, chunk, nchunks, pre, post,
+                      [&](const long long at) { return lrn_ratio(y, dy, scale, at); },
+                      [&](const long long at, const acc_t sum) {
+                          lrn_diff(x, dy, scale, dx, at, sum, cache_ratio, neg_beta); });
 }
 
-// Thread i: element i of (N, C, H, W); its window is rows [h - pre, h + post] and columns
-// [w - pre, w + post] clipped to the map.
 extern "C" __global__ void lrn_within_forward(
         const T* __restrict__ x, T* __restrict__ scale, T* __restrict__ y,
         const long long count, const int height, const int width, const int pre, const int post,
         const acc_t alpha_over_size, const acc_t k, const acc_t neg_beta) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-         i += (long long)blockDim.x * gridDim.x) {
-        const int w = (int)(i % width);
-        const long long t = i / width;
-        const int h = (int)(t % height);
-        const long long plane = (t / height) * height * width;
-        const int h1 = min(height - 1, h + post), w1 = min(width - 1, w + post);
-        acc_t sum = 0;
-        for (int hh = max(0, h - pre); hh <= h1; ++hh)
-            for (int ww = max(0, w - pre); ww <= w1; ++ww)
-                sum += lrn_square(x, plane + (long long)hh * width + ww);
-        const T s = st(k + alpha_over_size * sum);
-        scale[i] = s;
-        y[i] = st(ld(x[i]) * lrn_pow(ld(s), neg_beta));
-    }
+    FOR_EACH(i, count)
+        lrn_output(x, scale, y, i, window_sum(i, height, width, pre, post,
+                                              [&](const long long at) { return lrn_square(x, at); }),
+                   alpha_over_size, k, neg_beta);
 }
 
 extern "C" __global__ void lrn_within_backward(
@@ -128,19 +147,10 @@ extern "C" __global__ void lrn_within_backward(
         const T* __restrict__ scale, T* __restrict__ dx,
         const long long count, const int height, const int width, const int pre, const int post,
         const acc_t cache_ratio, const acc_t neg_beta) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-         i += (long long)blockDim.x * gridDim.x) {
-        const int w = (int)(i % width);
-        const long long t = i / width;
-        const int h = (int)(t % height);
-        const long long plane = (t / height) * height * width;
-        const int h1 = min(height - 1, h + post), w1 = min(width - 1, w + post);
-        acc_t sum = 0;
-        for (int hh = max(0, h - pre); hh <= h1; ++hh)
-            for (int ww = max(0, w - pre); ww <= w1; ++ww)
-                sum += lrn_ratio(y, dy, scale, plane + (long long)hh * width + ww);
-        dx[i] = st(ld(dy[i]) * lrn_pow(ld(scale[i]), neg_beta) - cache_ratio * ld(x[i]) * sum);
-    }
+    FOR_EACH(i, count)
+        lrn_diff(x, dy, scale, dx, i, window_sum(i, height, width, pre, post, [&](const long long at) {
+                     return lrn_ratio(y, dy, scale, at); }),
+                 cache_ratio, neg_beta);
 }
 """
 

@@ -34,76 +34,98 @@ SOURCE = r"""
 #define INDEX_VARIANTS(name, impl, params, args) \
     extern "C" __global__ void name##32 params { impl<int> args; } \
     extern "C" __global__ void name##64 params { impl<long long> args; }
+// Thread i of a grid-stride loop over count elements.
+#define FOR_EACH(I, i, count) \
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)(count); \
+         i += (I)blockDim.x * (I)gridDim.x)
 
 __device__ __forceinline__ int imin(const int a, const int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(const int a, const int b) { return a > b ? a : b; }
+
+// Element i of (planes, rows, cols): its plane, row and column.
+template <typename I> struct Cell { I plane; int row, col; };
+template <typename I>
+__device__ __forceinline__ Cell<I> cell(const I i, const int rows, const int cols) {
+    return {i / ((I)cols * (I)rows), (int)((i / cols) % rows), (int)(i % cols)};
+}
+
+// Output (oh, ow)'s window: it starts at (hs, ws); its real pixels are rows [h0, h1) and
+// columns [w0, w1) of the input plane.
+struct Window { int hs, ws, h0, h1, w0, w1; };
+__device__ __forceinline__ Window window(const int oh, const int ow, GEOMETRY) {
+    const int hs = oh * sh - ph, ws = ow * sw - pw;
+    return {hs, ws, imax(hs, 0), imin(hs + kh, H), imax(ws, 0), imin(ws + kw, W)};
+}
+
+// f(v, at) for the window's real pixels in row-major order: v the value, at = h * W + w.
+template <typename F>
+__device__ __forceinline__ void for_window(const T* src, const Window& win, const int W, F f) {
+    for (int h = win.h0; h < win.h1; ++h)
+        for (int w = win.w0; w < win.w1; ++w)
+            f(ld(src[h * W + w]), h * W + w);
+}
+
+// The outputs whose windows contain input (h, w): rows [oh0, oh1) and columns [ow0, ow1)
+// (padded coordinate h + p: windows start every s and cover k).
+struct Span { int oh0, oh1, ow0, ow1; };
+__device__ __forceinline__ int first_window(const int h, const int k, const int s, const int p) {
+    return (h + p < k) ? 0 : (h + p - k) / s + 1;
+}
+__device__ __forceinline__ Span windows_over(const int h, const int w, GEOMETRY) {
+    return {first_window(h, kh, sh, ph), imin((h + ph) / sh + 1, Ho),
+            first_window(w, kw, sw, pw), imin((w + pw) / sw + 1, Wo)};
+}
+
+// f(oh, ow) for the span's outputs in decreasing (oh, ow): the order of the CPU's additions.
+template <typename F>
+__device__ __forceinline__ void for_span(const Span& span, F f) {
+    for (int oh = span.oh1 - 1; oh >= span.oh0; --oh)
+        for (int ow = span.ow1 - 1; ow >= span.ow0; --ow)
+            f(oh, ow);
+}
 
 template <typename I>
 __device__ __forceinline__ void max_forward(
         const T* __restrict__ x, T* __restrict__ y, int* argmax, T* mask, const long long count,
         GEOMETRY, const int write_index, const int write_mask, const int nan_first) {
     const acc_t neg_inf = (acc_t)(-__int_as_float(0x7f800000));
-    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
-         i += (I)blockDim.x * (I)gridDim.x) {
-        const int ow = (int)(i % Wo);
-        const int oh = (int)((i / Wo) % Ho);
-        const I plane = i / ((I)Wo * (I)Ho);
-        const int hs = oh * sh - ph, ws = ow * sw - pw;
-        const int hend = imin(hs + kh, H), wend = imin(ws + kw, W);
-        const int hstart = imax(hs, 0), wstart = imax(ws, 0);
-        const T* src = x + plane * ((I)H * (I)W);
+    FOR_EACH(I, i, count) {
+        const Cell<I> o = cell(i, Ho, Wo);
+        const Window win = window(o.row, o.col, GEOMETRY_ARGS);
         acc_t best = neg_inf;
         int idx = -1;
-        for (int h = hstart; h < hend; ++h) {
-            for (int w = wstart; w < wend; ++w) {
-                const acc_t v = ld(src[h * W + w]);
-                if (v > best) {
-                    best = v;
-                    idx = h * W + w;
-                } else if (v != v && best == best) {   // the first NaN: the output is NaN
-                    best = v;
-                    if (nan_first) idx = h * W + w;
-                }
+        for_window(x + o.plane * ((I)H * (I)W), win, W, [&](const acc_t v, const int at) {
+            if (v > best) {
+                best = v;
+                idx = at;
+            } else if (v != v && best == best) {   // the first NaN: the output is NaN
+                best = v;
+                if (nan_first) idx = at;
             }
-        }
-        if (idx < 0) idx = hs * W + ws;              // nothing above -inf: the first offset
+        });
+        if (idx < 0) idx = win.hs * W + win.ws;      // nothing above -inf: the first offset
         y[i] = st(best);
         if (write_index) argmax[i] = idx;
         if (write_mask) mask[i] = st((acc_t)idx);
     }
 }
 
+// AVE divides by the window clipped to the padded image (it may hold padding).
+__device__ __forceinline__ int pool_size(const int start, const int k, const int size, const int p) {
+    return imin(start + k, size + p) - start;
+}
+
 template <typename I>
 __device__ __forceinline__ void ave_forward(
         const T* __restrict__ x, T* __restrict__ y, const long long count,
         GEOMETRY) {
-    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
-         i += (I)blockDim.x * (I)gridDim.x) {
-        const int ow = (int)(i % Wo);
-        const int oh = (int)((i / Wo) % Ho);
-        const I plane = i / ((I)Wo * (I)Ho);
-        const int hs = oh * sh - ph, ws = ow * sw - pw;
-        const int hpad = imin(hs + kh, H + ph), wpad = imin(ws + kw, W + pw);
-        const acc_t pool = (acc_t)((hpad - hs) * (wpad - ws));
-        const int hstart = imax(hs, 0), wstart = imax(ws, 0);
-        const int hend = imin(hpad, H), wend = imin(wpad, W);
-        const T* src = x + plane * ((I)H * (I)W);
+    FOR_EACH(I, i, count) {
+        const Cell<I> o = cell(i, Ho, Wo);
+        const Window win = window(o.row, o.col, GEOMETRY_ARGS);
         acc_t sum = 0;
-        for (int h = hstart; h < hend; ++h) {
-            for (int w = wstart; w < wend; ++w) {
-                sum += ld(src[h * W + w]);
-            }
-        }
-        y[i] = st(sum / pool);
+        for_window(x + o.plane * ((I)H * (I)W), win, W, [&](const acc_t v, int) { sum += v; });
+        y[i] = st(sum / (acc_t)(pool_size(win.hs, kh, H, ph) * pool_size(win.ws, kw, W, pw)));
     }
-}
-
-// Windows that contain input row h (padded coordinate h + p): oh in [start, end).
-__device__ __forceinline__ int window_start(const int h, const int k, const int s, const int p) {
-    return (h + p < k) ? 0 : (h + p - k) / s + 1;
-}
-__device__ __forceinline__ int window_end(const int h, const int s, const int p, const int out) {
-    return imin((h + p) / s + 1, out);
 }
 
 template <typename I>
@@ -111,23 +133,16 @@ __device__ __forceinline__ void max_backward(
         const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,
         const long long count,
         GEOMETRY) {
-    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
-         i += (I)blockDim.x * (I)gridDim.x) {
-        const int w = (int)(i % W);
-        const int h = (int)((i / W) % H);
-        const I plane = i / ((I)W * (I)H);
-        const int ohs = window_start(h, kh, sh, ph), ohe = window_end(h, sh, ph, Ho);
-        const int ows = window_start(w, kw, sw, pw), owe = window_end(w, sw, pw, Wo);
-        const I offset = plane * ((I)Ho * (I)Wo);
+    FOR_EACH(I, i, count) {
+        const Cell<I> in = cell(i, H, W);
+        const I offset = in.plane * ((I)Ho * (I)Wo);
         const T* g = dy + offset;
         const int* am = argmax + offset;
-        const int me = h * W + w;
+        const int me = in.row * W + in.col;
         acc_t sum = 0;
-        for (int oh = ohe - 1; oh >= ohs; --oh) {
-            for (int ow = owe - 1; ow >= ows; --ow) {
-                if (am[oh * Wo + ow] == me) sum += ld(g[oh * Wo + ow]);
-            }
-        }
+        for_span(windows_over(in.row, in.col, GEOMETRY_ARGS), [&](const int oh, const int ow) {
+            if (am[oh * Wo + ow] == me) sum += ld(g[oh * Wo + ow]);
+        });
         dx[i] = st(sum);
     }
 }
@@ -136,24 +151,14 @@ template <typename I>
 __device__ __forceinline__ void ave_backward(
         const T* __restrict__ dy, T* __restrict__ dx, const long long count,
         GEOMETRY) {
-    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)count;
-         i += (I)blockDim.x * (I)gridDim.x) {
-        const int w = (int)(i % W);
-        const int h = (int)((i / W) % H);
-        const I plane = i / ((I)W * (I)H);
-        const int ohs = window_start(h, kh, sh, ph), ohe = window_end(h, sh, ph, Ho);
-        const int ows = window_start(w, kw, sw, pw), owe = window_end(w, sw, pw, Wo);
-        const T* g = dy + plane * ((I)Ho * (I)Wo);
+    FOR_EACH(I, i, count) {
+        const Cell<I> in = cell(i, H, W);
+        const T* g = dy + in.plane * ((I)Ho * (I)Wo);
         acc_t sum = 0;
-        for (int oh = ohe - 1; oh >= ohs; --oh) {
-            const int hs = oh * sh - ph;
-            const int pool_h = imin(hs + kh, H + ph) - hs;
-            for (int ow = owe - 1; ow >= ows; --ow) {
-                const int ws = ow * sw - pw;
-                const int pool_w = imin(ws + kw, W + pw) - ws;
-                sum += ld(g[oh * Wo + ow]) / (acc_t)(pool_h * pool_w);
-            }
-        }
+        for_span(windows_over(in.row, in.col, GEOMETRY_ARGS), [&](const int oh, const int ow) {
+            const int pool = pool_size(oh * sh - ph, kh, H, ph) * pool_size(ow * sw - pw, kw, W, pw);
+            sum += ld(g[oh * Wo + ow]) / (acc_t)pool;
+        });
         dx[i] = st(sum);
     }
 }
