@@ -4,7 +4,8 @@
 
 1. NumPy float32 sgemm rate (GFLOP/s): the machine's ceiling for both.
 2. Speed, caffelite and PyTorch alternating (one worker process each, one runs
-   while the other waits; medians of the repetitions):
+   while the other waits; each run after a short pause and one untimed step;
+   medians of the repetitions):
    - LeNet training, batch 64, SGD momentum (benchmarks/lenet_cpu.py: caffelite
      reads the MNIST LMDB through its Data layer, PyTorch gets it preloaded);
    - CIFAR-10 "quick" forward + backward, batch 100;
@@ -178,6 +179,7 @@ def worker(framework: str, threads: int) -> None:
                               else CaffeliteBench(bench))
             reply = {"first_loss": getattr(benches[bench], "first_loss", None)}
         elif op == "run":
+            benches[bench].run(1)  # untimed: the first step after the pause wakes threads and caches
             reply = {"value": benches[bench].run(cmd["iters"])}
         elif op == "layers":
             reply = {"rows": benches[bench].layers(cmd["iters"])}
