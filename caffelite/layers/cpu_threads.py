@@ -44,7 +44,8 @@ def split(count: int, elements_each: int) -> list[tuple[int, int]]:
 
 
 def run_parts(fn, parts) -> None:
-    """fn(part) for every part, at once; returns when all are done, raising the first error."""
+    """fn(part) for every part, at once; returns when all are done, raising the first error.
+    Not from inside a part: a worker waiting on its own pool could wait forever."""
     parts = list(parts)
     if len(parts) <= 1:
         for part in parts:
