@@ -126,8 +126,9 @@ class HDF5Source:
             self._perm_cache[key] = rng.permutation(int(self.rows[file]))
         return self._perm_cache[key]
 
-    def read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows at stream ``positions`` (ints), one array per dataset name."""
+    def read(self, positions: np.ndarray, out: dict | None = None) -> dict[str, np.ndarray]:
+        """The rows at stream ``positions`` (ints), one array per dataset name: into the arrays
+        of ``out`` (name -> (len(positions), *item shape), any dtype: the values are cast)."""
         positions = np.asarray(positions, np.int64)
         epochs, within = np.divmod(positions, self.total_rows)
         files = np.empty_like(positions)
@@ -142,8 +143,9 @@ class HDF5Source:
                 for f in np.unique(files[sel]):
                     pick = sel & (files == f)
                     local[pick] = self._row_permutation(int(epoch), int(f))[local[pick]]
-        out = {name: np.empty((len(positions),) + self.item_shapes[name],
-                              self._dtype(name)) for name in self.names}
+        if out is None:
+            out = {name: np.empty((len(positions),) + self.item_shapes[name],
+                                  self._dtype(name)) for name in self.names}
         # Visit files in stream order so the file in memory changes as rarely as possible.
         _, first = np.unique(files, return_index=True)
         for f in files[np.sort(first)]:

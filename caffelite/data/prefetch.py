@@ -73,9 +73,13 @@ class Batch:
         self.label: np.ndarray | None = None
         self.extra: dict = {}
 
+    def buffer(self, name: str) -> np.ndarray | None:
+        """The buffer ``name`` as ``array`` made it last (None before)."""
+        return getattr(self, name) if name in ("data", "label") else self.extra.get(name)
+
     def array(self, name: str, shape: tuple, dtype) -> np.ndarray:
         """The buffer ``name`` with this shape and dtype, reused when it already fits."""
-        current = getattr(self, name) if name in ("data", "label") else self.extra.get(name)
+        current = self.buffer(name)
         if current is None or current.shape != tuple(shape) or current.dtype != np.dtype(dtype):
             current = self.allocate(tuple(shape), np.dtype(dtype))
             if name in ("data", "label"):

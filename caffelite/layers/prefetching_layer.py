@@ -10,7 +10,8 @@ batches consumed by ``forward`` and ``load_state_dict`` restarts there
 Layers that decode images (Data, ImageData, WindowData) derive from
 ``PrefetchingDataLayer``: a pool of worker threads (``$CAFFELITE_DATA_WORKERS``,
 default one per CPU) loads whole batches ahead, and ``forward`` hands the
-ready buffer to the top without copying, as Caffe 1.0 does. Their image
+ready buffer to the top without copying, as Caffe 1.0 does. HDF5Data does too,
+with one worker. Their image
 decoding helpers (``decode_planar``, ``decode_rgb_planes``) live here too.
 """
 from __future__ import annotations
@@ -68,8 +69,8 @@ class PrefetchingDataLayer(StreamLayer):
     worker, for per-worker readers. Errors it raises reach ``forward``.
     """
 
-    def _init_prefetch(self, prefetch: int) -> None:
-        self.workers = default_workers()
+    def _init_prefetch(self, prefetch: int, workers: int | None = None) -> None:
+        self.workers = workers or default_workers()
         # One buffer more than workers: forward keeps the batch it gave the top.
         self.depth = max(1, int(prefetch), self.workers + 1)
         self._prefetcher = None
@@ -96,6 +97,10 @@ class PrefetchingDataLayer(StreamLayer):
     def load_batch(self, index: int, batch) -> None:
         raise NotImplementedError
 
+    def batch_arrays(self, batch, tops: int) -> list:
+        """The arrays of a loaded batch for the first ``tops`` tops: data, then label."""
+        return [batch.data, batch.label][:tops]
+
     def forward(self, bottom, top):
         if self._prefetcher is None:
             raise self.error("is closed", hint="build the net again to read more data")
@@ -110,8 +115,7 @@ class PrefetchingDataLayer(StreamLayer):
         # Caffe 1.0's hand-off: on the CPU the top uses the batch buffer itself until the next
         # forward; on a GPU the batch is copied into the top's own memory (device_feed.py) and
         # the buffer is released at the next forward, once the copy is done.
-        tops = [(top[0], batch.data)] + ([(top[1], batch.label)] if len(top) > 1 else [])
-        for i, (blob, array) in enumerate(tops):
+        for i, (blob, array) in enumerate(zip(top, self.batch_arrays(batch, len(top)))):
             blob.reshape(array.shape)
             if self._feed is not None:
                 self._feed.put(i, blob, array)

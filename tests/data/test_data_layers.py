@@ -255,6 +255,24 @@ def test_hdf5_shuffle_epochs_and_resume(layers, tmp_path):
         np.testing.assert_array_equal(want[1], got[1])
 
 
+def test_hdf5_any_tops_in_the_net_dtype_read_ahead(layers, tmp_path, device):
+    """Three datasets of other dtypes and names: three tops in the net's dtype, from the
+    buffers a worker thread read ahead (on a GPU, copied through the device feed)."""
+    write_h5(tmp_path / "a.h5", image=np.arange(24, dtype=np.float64).reshape(6, 2, 2),
+             cls=np.arange(6, dtype=np.int64), weight=np.linspace(0, 1, 6)[:, None])
+    (tmp_path / "list.txt").write_text("a.h5\n")
+    layer, top = layers("HDF5Data", num_top=3, top=["image", "cls", "weight"], dtype=np.float32,
+                        device=device, hdf5_data_param={"source": str(tmp_path / "list.txt"),
+                                                        "batch_size": 4})
+    first, second = run_batches(layer, top, 2)
+    assert [blob.data.dtype for blob in top] == [np.float32] * 3
+    np.testing.assert_array_equal(second[0], np.arange(24, dtype=np.float32).reshape(6, 2, 2)[[4, 5, 0, 1]])
+    np.testing.assert_array_equal(second[1], [4, 5, 0, 1])
+    np.testing.assert_allclose(second[2][:, 0], np.linspace(0, 1, 6)[[4, 5, 0, 1]], rtol=1e-7)
+    if not device.is_gpu:   # the CPU's top is the buffer itself
+        assert np.shares_memory(top[0].data, layer._current.buffer("image"))
+
+
 def test_hdf5_errors(layers, tmp_path):
     with pytest.raises(DataError, match="list file .* does not exist"):
         layers("HDF5Data", top=["data"], hdf5_data_param={"source": str(tmp_path / "no.txt"), "batch_size": 1})
