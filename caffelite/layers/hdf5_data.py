@@ -46,8 +46,9 @@ class HDF5DataLayer(PrefetchingDataLayer):
     def load_batch(self, index: int, batch) -> None:
         """Read batch ``index``'s rows into ``batch`` (runs in the worker thread)."""
         positions = (index * self.batch_size + np.arange(self.batch_size)) * self._world + self._rank
-        self.hdf5.read(positions, {name: batch.array(name, (self.batch_size,) + self.hdf5.item_shapes[name],
-                                                     self.dtype) for name in self.names})
+        shapes = self.hdf5.item_shapes
+        self.hdf5.read(positions, {name: batch.array(name, (self.batch_size,) + shapes[name], self.dtype)
+                                   for name in self.names})
 
     def batch_arrays(self, batch, tops: int) -> list:
         return [batch.buffer(name) for name in self.names[:tops]]

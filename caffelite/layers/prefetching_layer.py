@@ -10,9 +10,9 @@ batches consumed by ``forward`` and ``load_state_dict`` restarts there
 Layers that decode images (Data, ImageData, WindowData) derive from
 ``PrefetchingDataLayer``: a pool of worker threads (``$CAFFELITE_DATA_WORKERS``,
 default one per CPU) loads whole batches ahead, and ``forward`` hands the
-ready buffer to the top without copying, as Caffe 1.0 does. HDF5Data does too,
-with one worker. Their image
-decoding helpers (``decode_planar``, ``decode_rgb_planes``) live here too.
+ready buffer to the top without copying, as Caffe 1.0 does. HDF5Data works the
+same way with one worker. The image decoding helpers (``decode_planar``,
+``decode_rgb_planes``) live here too.
 """
 from __future__ import annotations
 
