@@ -28,10 +28,12 @@ when kernel <= stride tiles the image the grid is the top itself, written in
 place. Backward sums the windows into phases again, one phase at a time (a
 phase's windows touch only it, so one phase of scratch does): each phase's
 unshifted window writes it whole, so no pass zeroes it first. The first two
-windows of a forward are combined at once (no copy of the first one). Work
-buffers are scratch from the arena all layers share (im2col.ARENA), only the
-argmax offsets are kept from forward to backward; padding is written around the
-copied pixels, not by a pass over the whole buffer.
+windows of a forward are combined at once (no copy of the first one). Phased
+work goes through the planes in chunks whose phases fit the cache
+(CHUNK_BYTES), in parts of the planes on all cores (cpu_threads.py), each part in
+chunk buffers of its own. Work buffers are scratch from the arena all layers
+share (im2col.ARENA), only the argmax offsets are kept from forward to backward;
+padding is written around the copied pixels, not by a pass over the whole buffer.
 
 On a GPU, MAX and AVE (global pooling included) run instead as Caffe's CUDA kernels do
 (caffelite/kernels/pooling.py): one thread per output forward, one per input element
@@ -57,6 +59,10 @@ _METHODS = {MAX: "MAX", AVE: "AVE", STOCHASTIC: "STOCHASTIC"}
 #: cores: CIFAR-10 pool3, 4 wide, gains; LeNet pool2 is even; AlexNet pool5 (6)
 #: and CIFAR-10 pool2 (8) run 1.7-2x faster phased).
 BATCH_LAST_MAX_WIDTH = 4
+#: Phased work handles the planes in chunks whose phases take about this many bytes: less
+#: scratch, and on 2 cores CIFAR-10 quick's pool1 ran 3.7/3.6 ms against 4.1/3.8 in one chunk
+#: (smaller chunks lose: NumPy's ~50 calls per chunk, 10.3/9.6 ms with 256 KiB).
+CHUNK_BYTES = 1 << 21
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
@@ -171,9 +177,13 @@ class PoolingLayer(Layer):
             self.phase_len = self.grid + max(shift for _, _, shift in self.shifts)
         # With kernel <= stride tiling the image (no pad, sizes divisible) the grid is the top.
         self.grid_is_top = self.phased and self.phase_shape == out
-        # Phased work on the CPU runs in parts of whole planes, one per core (cpu_threads.py).
+        # Phased work on the CPU runs in parts of whole planes, one per core (cpu_threads.py),
+        # and each part in chunks of planes.
         self.parts = (split(self.planes, h * w) if self.phased and self.xp is np
                       else [(0, self.planes)])
+        if self.phased:
+            phases = math.prod(self.stride) * math.prod(self.phase_shape) * self.dtype.itemsize
+            self.chunk = max(1, min(CHUNK_BYTES // phases, max(b - a for a, b in self.parts)))
         self._global_index = None
         self._index_ready = False
 
@@ -197,52 +207,41 @@ class PoolingLayer(Layer):
         (pi, xi), (pj, xj) = picks
         return (a, b), pi, pj, xi, xj
 
-    def _phase_view(self, buf, a, b):
-        """Phase (a, b) of a phases buffer as (N*C, Hph, Wph)."""
-        return buf[a, b, :self.grid].reshape((self.planes,) + self.phase_shape)
-
-    def _phases(self, x, fill, role):
-        """The flat phases (sh, sw, grid + tail) of the padded input, padding = ``fill``: the
-        tail here, each part's planes by ``_fill_phases``."""
-        buf = self.ws.get(self.xp, role, self.stride + (self.phase_len,), x.dtype)
-        buf[:, :, self.grid:] = fill
-        return buf
-
-    def _fill_phases(self, buf, x, fill, part) -> None:
-        """Copy the planes ``part`` of x into their phases, padding = ``fill``."""
-        planes = slice(*part)
+    def _fill_phases(self, buf, x, fill) -> None:
+        """The images x (n, H, W) padded with ``fill`` and split into the phases of ``buf``
+        (sh, sw, n planes' grid + tail); the tail, which the last plane's shifts read, = fill."""
+        size = len(x) * math.prod(self.phase_shape)
+        buf[:, :, size:size + self.phase_len - self.grid] = fill
         for (a, b), pi, pj, xi, xj in self.phase_copies:
-            phase = self._phase_view(buf, a, b)[planes]
+            phase = buf[a, b, :size].reshape((len(x),) + self.phase_shape)
             fill_outside(phase, (slice(None), pi, pj), fill)   # (scratch: no pass over the inside)
-            phase[:, pi, pj] = x[planes, xi, xj]
+            phase[:, pi, pj] = x[:, xi, xj]
 
-    def _part(self, work, part):
-        """Planes [start, stop) of a work array: of a flat phased grid, or of (N*C, ...)."""
-        start, stop = part
-        if self.phased:
-            size = math.prod(self.phase_shape)
-            return work[start * size:stop * size]
-        return work[start:stop]
+    def _per_part(self, role, dtype, lead=(), tail=0):
+        """Each part's chunk buffer: (parts, *lead, chunk planes' grid + tail), scratch."""
+        size = self.chunk * math.prod(self.phase_shape) + tail
+        return self.ws.get(self.xp, role, (len(self.parts),) + tuple(lead) + (size,), dtype)
+
+    def _in_chunks(self, step) -> None:
+        """step(i, (start, stop)) for the chunks of planes of each part i, the parts at once."""
+        def run(job):
+            i, (start, stop) = job
+            for first in range(start, stop, self.chunk):
+                step(i, (first, min(stop, first + self.chunk)))
+        run_parts(run, enumerate(self.parts))
+
+    def _part(self, grid, planes):
+        """Planes [start, stop) of a flat phased grid."""
+        size = math.prod(self.phase_shape)
+        return grid[planes[0] * size:planes[1] * size]
 
     def _crop(self, grid):
         """The (planes, Ho, Wo) outputs of a flat output grid (or of a part of it)."""
         return grid.reshape((-1,) + self.phase_shape)[:, :self.out_spatial[0], :self.out_spatial[1]]
 
-    def _store(self, out, y) -> None:
-        """Copy the computed outputs ``out`` (a grid, or a batch-last buffer; of one part
-        when phased) to the top (its planes)."""
-        if self.grid_is_top:
-            return   # computed in place (``_output``)
-        if self.phased:
-            y[...] = self._crop(out)
-        elif out is not y:
-            y[...] = out
-
     def _padded_input(self, x, fill):
-        """Canonical (N*C, Hb, Wb) view of ``x`` padded with ``fill`` (a view when no pad is needed);
-        when this layer works phased, the phases' buffer (see ``_phases``), still to be filled."""
-        if self.phased:
-            return self._phases(x, fill, f"phases{fill}")
+        """Canonical (N*C, Hb, Wb) view of ``x`` padded with ``fill`` (a view when no pad is
+        needed); not phased."""
         if self.direct and not self.pixels.batch_last:
             return x
         _, canon = self.pixels.alloc(self.ws, self.xp, f"pad{fill}", (), self.planes, self.padded,
@@ -252,13 +251,9 @@ class PoolingLayer(Layer):
         copy_into(canon[inside], x, 0, self.pixels.batch_last)
         return canon
 
-    def _output(self, top_array, role="out"):
-        """Where to compute the output: the top itself, or a batch-last buffer / phased grid."""
-        if self.grid_is_top and role == "out":
-            return top_array.reshape(-1)   # (a recomputation must not touch the top: in-place layers)
-        if self.pixels.batch_last or self.phased:
-            return self._scratch(role, top_array.dtype)
-        return top_array
+    def _output(self, top_array):
+        """Where an unphased layer computes its output: the top itself or a batch-last buffer."""
+        return self._scratch("out", top_array.dtype) if self.pixels.batch_last else top_array
 
     def _scratch(self, role, dtype, fill=None):
         """An output-shaped work array in this layer's pixel order (phased: a flat grid, with
@@ -275,19 +270,18 @@ class PoolingLayer(Layer):
         """Argmax (or sampled) kernel offset per output."""
         return self._scratch("index", np.uint8 if math.prod(self.kernel) <= 256 else np.int32)
 
-    def _windows(self, image, part=None):
-        """(offset index, view of ``image`` for that kernel offset) for every offset, over the
-        planes ``part`` (all when None); ``image`` is a padded input (strided views) or its
-        phases (contiguous slices)."""
+    def _windows(self, image, planes: int = 0):
+        """(offset index, view of ``image`` for that kernel offset) for every offset; ``image``
+        is a padded input (strided views) or the phases of ``planes`` planes (contiguous
+        slices)."""
         g = self.geometry
-        start, stop = part or (0, self.planes)
         if self.phased:
-            size = math.prod(self.phase_shape)
+            size = planes * math.prod(self.phase_shape)
             for i, (a, b, shift) in enumerate(self.shifts):
-                yield i, image[a, b, shift + start * size:shift + stop * size]
+                yield i, image[a, b, shift:shift + size]
             return
         for i, offset in enumerate(g.offsets()):
-            yield i, image[(slice(start, stop),) + g.window(offset, self.out_spatial)]
+            yield i, image[(slice(None),) + g.window(offset, self.out_spatial)]
 
     def _overwrites(self, i: int) -> bool:
         """Whether backward writes kernel offset ``i``'s window instead of adding to it."""
@@ -363,7 +357,7 @@ class PoolingLayer(Layer):
         if self.global_fast:
             self._forward_global(x, y, top)
         elif self.method == MAX:
-            self._max(x, self._output(y), self.phase == TRAIN or len(top) > 1, y)
+            self._max(x, self.phase == TRAIN or len(top) > 1, y)
             if len(top) > 1:
                 self._write_mask(self._planes(top[1].data))
         elif self.method == AVE:
@@ -371,26 +365,45 @@ class PoolingLayer(Layer):
         else:
             self._stochastic(x, y)
 
-    def _max(self, x, out, want_index: bool, y=None) -> None:
-        """MAX pooling of x into ``out`` (see ``_output``), then into the top y unless None; with
-        ``want_index`` the argmax offsets too. Phased, in parts of planes at once."""
-        image = self._padded_input(x, -np.inf)
-        work = (None,) * 3
-        if want_index:
-            index = self._index_buffer()
-            work = (index, self._scratch("greater", bool), self._scratch("step", index.dtype))
-        store = y is not None and out is not y
-
-        def run(part):
-            if self.phased:
-                self._fill_phases(image, x, -np.inf, part)
-            part_out = self._part(out, part)
-            self._max_part(self._windows(image, part), part_out,
-                           *(None if a is None else self._part(a, part) for a in work))
-            if store:
-                self._store(part_out, y[slice(*part)])
-        run_parts(run, self.parts)
+    def _max(self, x, want_index: bool, y=None) -> None:
+        """MAX pooling of x into the top y (None: only the argmax); with ``want_index`` the
+        argmax offsets too."""
+        index = self._index_buffer() if want_index else None
         self._index_ready = want_index
+        if not self.phased:
+            out = self._output(y) if y is not None else self._scratch("recompute", x.dtype)
+            work = (index, self._scratch("greater", bool), self._scratch("step", index.dtype)) \
+                if want_index else (None,) * 3
+            self._max_part(self._windows(self._padded_input(x, -np.inf)), out, *work)
+            if y is not None and out is not y:
+                y[...] = out
+            return
+        phases = self._per_part("phases", x.dtype, self.stride, self.phase_len - self.grid)
+        work = (self._per_part("greater", bool), self._per_part("step", index.dtype)) \
+            if want_index else ()
+        chunk_out = self._chunk_output(y)
+
+        def step(i, planes):
+            n = planes[1] - planes[0]
+            self._fill_phases(phases[i], x[slice(*planes)], -np.inf)
+            out = chunk_out(i, planes)
+            size = len(out)
+            self._max_part(self._windows(phases[i], n), out,
+                           *((self._part(index, planes), *(w[i][:size] for w in work))
+                             if want_index else (None,) * 3))
+            if y is not None and not self.grid_is_top:
+                y[slice(*planes)] = self._crop(out)
+        self._in_chunks(step)
+
+    def _chunk_output(self, y):
+        """chunk_out(i, planes): the flat grid a chunk's outputs go to: the top's own planes when
+        the grid is the top, else part i's chunk buffer (the caller crops it to the top)."""
+        if self.grid_is_top and y is not None:
+            flat = y.reshape(-1)
+            return lambda i, planes: self._part(flat, planes)
+        buffers = self._per_part("out", self.dtype)
+        size = math.prod(self.phase_shape)
+        return lambda i, planes: buffers[i][:(planes[1] - planes[0]) * size]
 
     def _max_part(self, windows, out, index, greater, step) -> None:
         xp = self.xp
@@ -418,32 +431,35 @@ class PoolingLayer(Layer):
             xp.maximum(index, step, out=index)
 
     def _ave(self, x, y) -> None:
-        """AVE pooling of x into the top y; phased, in parts of planes at once."""
-        xp = self.xp
-        out = self._output(y)
-        image = self._padded_input(x, 0)
+        """AVE pooling of x into the top y."""
         divisor = self._divisor_array(y.dtype)
-
-        def run(part):
-            if self.phased:
-                self._fill_phases(image, x, 0, part)
-            part_out = self._part(out, part)
-            windows = self._windows(image, part)
-            _, first = next(windows)
-            if math.prod(self.kernel) == 1:
-                part_out[...] = first
-            for i, win in windows:
-                if i == 1:   # (the first window is never copied)
-                    xp.add(first, win, out=part_out)
-                else:
-                    part_out += win
-            if self.phased:
-                xp.divide(self._crop(part_out), divisor, out=y[slice(*part)])
-            else:
-                part_out /= divisor
-        run_parts(run, self.parts)
         if not self.phased:
-            self._store(out, y)
+            out = self._output(y)
+            self._ave_part(self._windows(self._padded_input(x, 0)), out)
+            out /= divisor
+            if out is not y:
+                y[...] = out
+            return
+        phases = self._per_part("phases", x.dtype, self.stride, self.phase_len - self.grid)
+        chunk_out = self._chunk_output(y)
+
+        def step(i, planes):
+            self._fill_phases(phases[i], x[slice(*planes)], 0)
+            out = chunk_out(i, planes)
+            self._ave_part(self._windows(phases[i], planes[1] - planes[0]), out)
+            self.xp.divide(self._crop(out), divisor, out=y[slice(*planes)])
+        self._in_chunks(step)
+
+    def _ave_part(self, windows, out) -> None:
+        """out = the sum of the windows."""
+        _, first = next(windows)
+        if math.prod(self.kernel) == 1:
+            out[...] = first
+        for i, win in windows:
+            if i == 1:   # (the first window is never copied)
+                self.xp.add(first, win, out=out)
+            else:
+                out += win
 
     def _write_mask(self, mask) -> None:
         """Argmax kernel offsets -> flat input indices h*W + w, as floats."""
@@ -527,20 +543,18 @@ class PoolingLayer(Layer):
             if self.method == STOCHASTIC:
                 raise self.error("STOCHASTIC pooling has a gradient only in the TRAIN phase",
                                  hint="run backward after a TRAIN forward")
-            self._max(self._planes(bottom[0].data),
-                      self._output(self._planes(top[0].data), role="recompute"), True)
+            self._max(self._planes(bottom[0].data), True)
         divisor = self._divisor_array(dy.dtype) if self.method == AVE else None
         if self.phased:
-            # Each part works in its planes of whole-grid scratch, and in its own stretch of the
-            # accumulator (its planes plus a tail): parts cost no more memory than one.
-            work = {"share": self._scratch("share", dy.dtype)}
+            # Each part works in chunk buffers of its own.
+            work = {"share": self._per_part("share", dy.dtype),
+                    "acc": self._per_part("acc_phase", dx.dtype, tail=self.phase_len - self.grid)}
             if self.method != AVE:
-                work.update(index=self._index_buffer(), hit=self._scratch("greater", bool),
-                            dy=None if self.grid_is_top else self._scratch("dy", dy.dtype))
-            tail = self.phase_len - self.grid
-            acc = self.ws.get(xp, "acc_phase", (self.grid + len(self.parts) * tail,), dx.dtype)
-            run_parts(lambda job: self._backward_phased(dy, dx, divisor, work, acc, *job),
-                      enumerate(self.parts))
+                work.update(hit=self._per_part("greater", bool),
+                            dy=None if self.grid_is_top else self._per_part("dy", dy.dtype))
+            index = None if self.method == AVE else self._index_buffer()
+            self._in_chunks(lambda i, planes: self._backward_phased(
+                dy, dx, divisor, index, {k: v if v is None else v[i] for k, v in work.items()}, planes))
         else:
             self._backward_windows(dy, dx, divisor)
 
@@ -570,7 +584,7 @@ class PoolingLayer(Layer):
         """Backward of the unphased layouts: every window summed into one padded accumulator."""
         xp = self.xp
         if self.pixels.batch_last:
-            grad = self._output(dy, role="dy")
+            grad = self._scratch("dy", dy.dtype)
             copy_into(grad, dy, 0, True)
         else:
             grad = dy
@@ -589,39 +603,36 @@ class PoolingLayer(Layer):
         if acc is not dx:
             dx[...] = acc[(slice(None),) + self.geometry.interior(self.in_spatial)]
 
-    def _backward_phased(self, dy, dx, divisor, work, acc, i, part) -> None:
-        """Backward of the planes ``part`` (the i-th), phased: a phase's windows touch only that
-        phase, so the phases are summed one at a time in one phase of scratch. The first window
-        of a phase (shift 0) covers its whole grid and overwrites it; the tail past the grid
-        only receives the grid's unused zeros."""
+    def _backward_phased(self, dy, dx, divisor, index, work, planes) -> None:
+        """Backward of the chunk ``planes``, phased, in ``work`` (this part's chunk buffers): a
+        phase's windows touch only that phase, so the phases are summed one at a time in one
+        phase of scratch. The first window of a phase (shift 0) covers its whole grid and
+        overwrites it; the tail past the grid only receives the grid's unused zeros."""
         xp = self.xp
-        planes = slice(*part)
-        shape = (part[1] - part[0],) + self.phase_shape
+        chunk = slice(*planes)
+        shape = (planes[1] - planes[0],) + self.phase_shape
         size = math.prod(shape)
         outputs = (slice(None),) + tuple(slice(0, o) for o in self.out_spatial)
 
         def on_grid(name):
-            """This part's planes of a flat work grid, its unused cells 0, as (planes, Hph, Wph)."""
-            grid = self._part(work[name], part).reshape(shape)
+            """This chunk's flat work grid ``name``, its unused cells 0, as (planes, Hph, Wph)."""
+            grid = work[name][:size].reshape(shape)
             fill_outside(grid, outputs, 0)
             return grid
 
         if self.method == AVE:
             share = on_grid("share")
-            xp.divide(dy[planes], divisor, out=share[outputs])
+            xp.divide(dy[chunk], divisor, out=share[outputs])
             add = self._adder(share.reshape(-1))
         else:
             if work["dy"] is None:
-                grad = dy[planes].reshape(-1)
+                grad = dy[chunk].reshape(-1)
             else:
                 grad = on_grid("dy")
-                grad[outputs] = dy[planes]
+                grad[outputs] = dy[chunk]
                 grad = grad.reshape(-1)
-            add = self._adder(self._part(work["share"], part), grad,
-                              self._part(work["index"], part), self._part(work["hit"], part))
-        tail = self.phase_len - self.grid
-        start = part[0] * math.prod(self.phase_shape) + i * tail
-        acc = acc[start:start + size + tail]
+            add = self._adder(work["share"][:size], grad, self._part(index, planes), work["hit"][:size])
+        acc = work["acc"][:size + self.phase_len - self.grid]
         acc[size:] = 0
         for (a, b), pi, pj, xi, xj in self.phase_copies:
             if (a, b) in self.unwritten_phases:   # (kernel < stride: no window reaches it)
@@ -629,4 +640,4 @@ class PoolingLayer(Layer):
             for k, (pa, pb, shift) in enumerate(self.shifts):
                 if (pa, pb) == (a, b):
                     add(k, acc[shift:shift + size])
-            dx[planes, xi, xj] = acc[:size].reshape(shape)[:, pi, pj]
+            dx[chunk, xi, xj] = acc[:size].reshape(shape)[:, pi, pj]

@@ -5,14 +5,22 @@ import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError
-from caffelite.layers import im2col
+from caffelite.layers import im2col, pooling
 from caffelite.layers.base import TRAIN
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob
 from layer_testing import check_gradient, forward, make_layer, run, setup
 
-pytestmark = pytest.mark.usefixtures("cpu_parts")   # phased work in one part and in three
+pytestmark = pytest.mark.usefixtures("cpu_parts", "chunks")
+
+
+@pytest.fixture(params=["big", "one plane"])
+def chunks(request, monkeypatch):
+    """Phased work in chunks of all the planes, and of one plane each."""
+    if request.param == "one plane":
+        monkeypatch.setattr(pooling, "CHUNK_BYTES", 1)
+    return request.param
 
 
 def out_size(size, k, s, p, ceil_mode=True):
@@ -143,7 +151,7 @@ def test_overlapping_max_windows_accumulate():
 @pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 6), 2, 2),     # phases == the top's grid
                                        ((2, 3, 9, 9), 3, 2),     # overlapping windows
                                        ((2, 2, 7, 7), 1, 2)])    # kernel 1: phases without windows
-def test_phased_backward_twice(method, shape, k, s, cpu_parts):
+def test_phased_backward_twice(method, shape, k, s, cpu_parts, chunks):
     """The phased backward overwrites each phase with its first window: a second backward with
     another dy must not see the first one's values."""
     x = np.random.default_rng(7).standard_normal(shape)
@@ -151,6 +159,7 @@ def test_phased_backward_twice(method, shape, k, s, cpu_parts):
                                    pooling_param={"pool": method, "kernel_size": k, "stride": s})
     assert layer.phased
     assert len(layer.parts) == cpu_parts
+    assert (layer.chunk == 1) == (chunks == "one plane")
     np.testing.assert_allclose(y, pool_ref(x, (k, k), (s, s), (0, 0), method)[0], rtol=1e-12)
     rs = np.random.default_rng(8)
     grads = []
