@@ -194,6 +194,23 @@ def test_max_recompute_leaves_the_top_alone():
     np.testing.assert_array_equal(bottom[0].cpu_diff(), expected.reshape(x.shape))
 
 
+def test_max_recompute_leaves_an_unphased_top_alone(layout):
+    """As above for stride 1 (no phases): batch-first with no pad the top was the output."""
+    x = np.random.default_rng(11).standard_normal((2, 3, 6, 6))
+    param = {"pool": "MAX", "kernel_size": 2, "stride": 1}
+    layer, bottom, top, (y,) = run("Pooling", [x], pooling_param=param)
+    assert not layer.phased
+    top[0].set_data(np.maximum(y, 0))
+    dy = np.random.default_rng(12).standard_normal(y.shape)
+    top[0].set_diff(dy)
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(top[0].cpu_data(), np.maximum(y, 0))
+    trained, t_bottom, t_top, _ = run("Pooling", [x], phase=TRAIN, pooling_param=param)
+    t_top[0].set_diff(dy)
+    trained.backward(t_top, [True], t_bottom)
+    np.testing.assert_array_equal(bottom[0].cpu_diff(), t_bottom[0].cpu_diff())
+
+
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
 def test_global_pooling(method):
     x = np.random.default_rng(1).standard_normal((2, 3, 4, 5))
