@@ -174,7 +174,7 @@ class PoolingLayer(Layer):
             self.unwritten_phases = [(a, b) for a in range(self.stride[0]) for b in range(self.stride[1])
                                      if a >= self.kernel[0] or b >= self.kernel[1]]
             # Past the last plane the shifted reads run into a tail of padding.
-            self.phase_len = self.grid + max(shift for _, _, shift in self.shifts)
+            self.tail = max(shift for _, _, shift in self.shifts)
         # With kernel <= stride tiling the image (no pad, sizes divisible) the grid is the top.
         self.grid_is_top = self.phased and self.phase_shape == out
         # Phased work on the CPU runs in parts of whole planes, one per core (cpu_threads.py),
@@ -211,7 +211,7 @@ class PoolingLayer(Layer):
         """The images x (n, H, W) padded with ``fill`` and split into the phases of ``buf``
         (sh, sw, n planes' grid + tail); the tail, which the last plane's shifts read, = fill."""
         size = len(x) * math.prod(self.phase_shape)
-        buf[:, :, size:size + self.phase_len - self.grid] = fill
+        buf[:, :, size:size + self.tail] = fill
         for (a, b), pi, pj, xi, xj in self.phase_copies:
             phase = buf[a, b, :size].reshape((len(x),) + self.phase_shape)
             fill_outside(phase, (slice(None), pi, pj), fill)   # (scratch: no pass over the inside)
@@ -255,15 +255,10 @@ class PoolingLayer(Layer):
         """Where an unphased layer computes its output: the top itself or a batch-last buffer."""
         return self._scratch("out", top_array.dtype) if self.pixels.batch_last else top_array
 
-    def _scratch(self, role, dtype, fill=None):
-        """An output-shaped work array in this layer's pixel order (phased: a flat grid, with
-        ``fill`` in the cells outside the outputs)."""
+    def _scratch(self, role, dtype):
+        """An output-shaped work array in this layer's pixel order (phased: a flat grid)."""
         if self.phased:
-            grid = self.ws.get(self.xp, role, (self.grid,), dtype)
-            if fill is not None:
-                fill_outside(grid.reshape((self.planes,) + self.phase_shape),
-                             (slice(None),) + tuple(slice(0, o) for o in self.out_spatial), fill)
-            return grid
+            return self.ws.get(self.xp, role, (self.grid,), dtype)
         return self.pixels.alloc(self.ws, self.xp, role, (), self.planes, self.out_spatial, dtype)[1]
 
     def _index_buffer(self):
@@ -378,7 +373,7 @@ class PoolingLayer(Layer):
             if y is not None and out is not y:
                 y[...] = out
             return
-        phases = self._per_part("phases", x.dtype, self.stride, self.phase_len - self.grid)
+        phases = self._per_part("phases", x.dtype, self.stride, self.tail)
         work = (self._per_part("greater", bool), self._per_part("step", index.dtype)) \
             if want_index else ()
         chunk_out = self._chunk_output(y)
@@ -440,7 +435,7 @@ class PoolingLayer(Layer):
             if out is not y:
                 y[...] = out
             return
-        phases = self._per_part("phases", x.dtype, self.stride, self.phase_len - self.grid)
+        phases = self._per_part("phases", x.dtype, self.stride, self.tail)
         chunk_out = self._chunk_output(y)
 
         def step(i, planes):
@@ -548,7 +543,7 @@ class PoolingLayer(Layer):
         if self.phased:
             # Each part works in chunk buffers of its own.
             work = {"share": self._per_part("share", dy.dtype),
-                    "acc": self._per_part("acc_phase", dx.dtype, tail=self.phase_len - self.grid)}
+                    "acc": self._per_part("acc_phase", dx.dtype, tail=self.tail)}
             if self.method != AVE:
                 work.update(hit=self._per_part("greater", bool),
                             dy=None if self.grid_is_top else self._per_part("dy", dy.dtype))
@@ -632,7 +627,7 @@ class PoolingLayer(Layer):
                 grad[outputs] = dy[chunk]
                 grad = grad.reshape(-1)
             add = self._adder(work["share"][:size], grad, self._part(index, planes), work["hit"][:size])
-        acc = work["acc"][:size + self.phase_len - self.grid]
+        acc = work["acc"][:size + self.tail]
         acc[size:] = 0
         for (a, b), pi, pj, xi, xj in self.phase_copies:
             if (a, b) in self.unwritten_phases:   # (kernel < stride: no window reaches it)
