@@ -7,7 +7,8 @@ CUDA kernels do. Only GPU code imports them; CuPy compiles each kernel once per 
 
 Element types: float64 (``double``), float32 (``float``), float16 (``__half``) and bfloat16
 (``__nv_bfloat16``); sums and the arithmetic run in ``acc_t`` (double for float64, else float).
-A kernel source names its element type ``T`` and its accumulator ``acc_t``::
+A kernel source names its element type ``T`` and its accumulator ``acc_t``, and loops over
+elements with ``FOR_EACH(index type, i, count)`` (a grid-stride loop)::
 
     kernel = compiled(SOURCE, "my_kernel", x.dtype)
     kernel(grid, block, (x, y, np.int32(n)))
@@ -25,6 +26,10 @@ typedef {T} T;
 typedef {acc} acc_t;
 __device__ __forceinline__ acc_t ld(const T v) {{ return (acc_t)v; }}
 __device__ __forceinline__ T st(const acc_t v) {{ return (T)v; }}
+// Thread i, of index type I, of a grid-stride loop over count elements.
+#define FOR_EACH(I, i, count) \
+    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)(count); \
+         i += (I)blockDim.x * (I)gridDim.x)
 """
 
 _C_TYPES = {"float64": ("double", "double"), "float32": ("float", "float"),

@@ -135,8 +135,7 @@ extern "C" __global__ void bn_global_stats(
 extern "C" __global__ void bn_normalize(
         const T* x, const acc_t* mean, const acc_t* inv_std, long long n, int dim, long long inner,
         T* y, T* keep, const T* s, const T* b) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
+    FOR_EACH(long long, i, n) {
         int c = channel_at(i, dim, inner);
         T v = st((ld(x[i]) - mean[c]) * inv_std[c]);
         if (keep) keep[i] = v;
@@ -162,8 +161,7 @@ extern "C" __global__ void channel_means(const acc_t* partial, int dim, int part
 extern "C" __global__ void bn_backward(
         const T* dy, const T* xn, const acc_t* means, const acc_t* inv_std, long long n, int dim,
         long long inner, T* dx, const T* s) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
+    FOR_EACH(long long, i, n) {
         int c = channel_at(i, dim, inner);
         acc_t g = ld(dy[i]);
         if (means) g -= means[c] + ld(xn[i]) * means[dim + c];
@@ -176,8 +174,7 @@ extern "C" __global__ void bn_backward(
 // Scale / Bias forward: y = x * s[c] (s may be NULL: 1) + b[c] (b may be NULL: 0); keep = x.
 extern "C" __global__ void channel_affine(
         const T* x, const T* s, const T* b, long long n, int dim, long long inner, T* y, T* keep) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
+    FOR_EACH(long long, i, n) {
         int c = channel_at(i, dim, inner);
         acc_t v = ld(x[i]);
         if (keep) keep[i] = x[i];

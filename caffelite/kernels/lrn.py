@@ -43,11 +43,6 @@ __device__ __forceinline__ acc_t lrn_ratio(const T* __restrict__ y, const T* __r
     return ld(dy[at]) * ld(y[at]) / ld(scale[at]);
 }
 
-// Thread i of a grid-stride loop over count threads.
-#define FOR_EACH(i, count) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; \
-         i += (long long)blockDim.x * gridDim.x)
-
 // ACROSS_CHANNELS, thread i: n = i / (nchunks * hw), chunk = (i / hw) % nchunks, pixel
 // p = i % hw. It walks the chunk's channels c with the running window sum of term(at) (at: an
 // element's offset), started with a direct sum, and hands each channel's sum to out(at, sum).
@@ -112,7 +107,7 @@ extern "C" __global__ void lrn_across_forward(
         const long long count, const int channels, const long long hw, const int chunk,
         const int nchunks, const int pre, const int post,
         const acc_t alpha_over_size, const acc_t k, const acc_t neg_beta) {
-    FOR_EACH(i, count)
+    FOR_EACH(long long, i, count)
         walk_channels(i, channels, hw, chunk, nchunks, pre, post,
                       [&](const long long at) { return lrn_square(x, at); },
                       [&](const long long at, const acc_t sum) {
@@ -125,7 +120,7 @@ extern "C" __global__ void lrn_across_backward(
         const long long count, const int channels, const long long hw, const int chunk,
         const int nchunks, const int pre, const int post,
         const acc_t cache_ratio, const acc_t neg_beta) {
-    FOR_EACH(i, count)
+    FOR_EACH(long long, i, count)
         walk_channels(i, channels, hw, chunk, nchunks, pre, post,
                       [&](const long long at) { return lrn_ratio(y, dy, scale, at); },
                       [&](const long long at, const acc_t sum) {
@@ -136,7 +131,7 @@ extern "C" __global__ void lrn_within_forward(
         const T* __restrict__ x, T* __restrict__ scale, T* __restrict__ y,
         const long long count, const int height, const int width, const int pre, const int post,
         const acc_t alpha_over_size, const acc_t k, const acc_t neg_beta) {
-    FOR_EACH(i, count)
+    FOR_EACH(long long, i, count)
         lrn_output(x, scale, y, i, window_sum(i, height, width, pre, post,
                                               [&](const long long at) { return lrn_square(x, at); }),
                    alpha_over_size, k, neg_beta);
@@ -147,7 +142,7 @@ extern "C" __global__ void lrn_within_backward(
         const T* __restrict__ scale, T* __restrict__ dx,
         const long long count, const int height, const int width, const int pre, const int post,
         const acc_t cache_ratio, const acc_t neg_beta) {
-    FOR_EACH(i, count)
+    FOR_EACH(long long, i, count)
         lrn_diff(x, dy, scale, dx, i, window_sum(i, height, width, pre, post, [&](const long long at) {
                      return lrn_ratio(y, dy, scale, at); }),
                  cache_ratio, neg_beta);

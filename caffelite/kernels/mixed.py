@@ -29,8 +29,7 @@ from . import BLOCK, blocks, compiled
 
 SOURCE = r"""
 extern "C" __global__ void check_finite(const T* grad, long long n, int* overflow) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+    FOR_EACH(long long, i, n) {
         if (!isfinite((float)ld(grad[i]))) { *overflow = 1; return; }
     }
 }
@@ -42,8 +41,7 @@ extern "C" __global__ void mixed_update(
     if (*overflow) return;
     const float unscale = (float)(1.0 / state[0]) * norm;
     const float r = rate[0];
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+    FOR_EACH(long long, i, n) {
         const float lr = lr_mult[i];
         if (lr == 0.f) continue;
         const float wi = w[i];
@@ -78,8 +76,7 @@ extern "C" __global__ void scaler_step(int* overflow, double* state, const doubl
 
 extern "C" __global__ void seed_loss_diff(T* diff, long long n, const double* state, float weight) {
     const T value = st((acc_t)(weight * state[0]));
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
+    FOR_EACH(long long, i, n)
         diff[i] = value;
 }
 """

@@ -34,10 +34,6 @@ SOURCE = r"""
 #define INDEX_VARIANTS(name, impl, params, args) \
     extern "C" __global__ void name##32 params { impl<int> args; } \
     extern "C" __global__ void name##64 params { impl<long long> args; }
-// Thread i of a grid-stride loop over count elements.
-#define FOR_EACH(I, i, count) \
-    for (I i = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; i < (I)(count); \
-         i += (I)blockDim.x * (I)gridDim.x)
 
 __device__ __forceinline__ int imin(const int a, const int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(const int a, const int b) { return a > b ? a : b; }
