@@ -457,7 +457,9 @@ def _synchronizer(net):
 def cmd_device_query(args) -> int:
     """Caffe's device_query, plus the library versions a GPU run depends on."""
     from .backend import cupy_module, gpu_available, tf32_enabled  # noqa: PLC0415
+    from .layers import cpu_kernels  # noqa: PLC0415
 
+    print(cpu_kernels.describe())
     if not gpu_available():
         print("No GPU available: CuPy is not installed or no CUDA device is visible. "
               "caffelite runs on the CPU; install 'caffelite[gpu]' on a machine with an NVIDIA GPU.")

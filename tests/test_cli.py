@@ -74,6 +74,7 @@ def test_device_query_without_gpu(capsys):
     code, out, _ = run_cli(["device_query"], capsys)
     assert code == 0
     assert "GPU" in out
+    assert "CPU kernels: compiled" in out
 
 
 GOOD = """name: t

@@ -1,14 +1,14 @@
 """Layer families. Every module in this package is imported on first use of the
-registry, so adding a layer is one new file (or one function in a family file)."""
+registry, so adding a layer is one new file (or one function in a family file).
+(``_cpu_kernels`` is the compiled C library of cpu_kernels.py, not a module.)"""
 import importlib
 import pkgutil
 
 from .base import TRAIN, TEST, DataLayer, Layer, LayerContext, LossLayer, NeuronLayer
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
+    if _module.name != "base" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
-
 
 
 def __getattr__(name: str):

@@ -5,20 +5,25 @@ import numpy as np
 import pytest
 
 from caffelite.errors import ConfigError
-from caffelite.layers import im2col, pooling
+from caffelite.layers import cpu_kernels, im2col, pooling
 from caffelite.layers.base import TRAIN
 from caffelite.proto import pb
 from conftest import FIXTURES
 from golden import caffe_blob
 from layer_testing import check_gradient, forward, make_layer, run, setup
 
-pytestmark = pytest.mark.usefixtures("cpu_parts", "chunks")
+pytestmark = pytest.mark.usefixtures("cpu_parts", "cpu_path")
 
 
-@pytest.fixture(params=["big", "one plane"])
-def chunks(request, monkeypatch):
-    """Phased work in chunks of all the planes, and of one plane each."""
-    if request.param == "one plane":
+@pytest.fixture(params=["compiled", "numpy", "numpy, one-plane chunks"])
+def cpu_path(request, monkeypatch):
+    """The CPU backward as the compiled kernels (cpu_kernels.c), and as NumPy passes with
+    phased work in chunks of all the planes and of one plane each."""
+    if request.param == "compiled":
+        assert cpu_kernels.LIB is not None, "the CPU kernels are not built: pip install -e ."
+    else:
+        monkeypatch.setattr(cpu_kernels, "LIB", None)
+    if request.param.endswith("one-plane chunks"):
         monkeypatch.setattr(pooling, "CHUNK_BYTES", 1)
     return request.param
 
@@ -151,15 +156,15 @@ def test_overlapping_max_windows_accumulate():
 @pytest.mark.parametrize("shape,k,s", [((2, 3, 8, 6), 2, 2),     # phases == the top's grid
                                        ((2, 3, 9, 9), 3, 2),     # overlapping windows
                                        ((2, 2, 7, 7), 1, 2)])    # kernel 1: phases without windows
-def test_phased_backward_twice(method, shape, k, s, cpu_parts, chunks):
-    """The phased backward overwrites each phase with its first window: a second backward with
-    another dy must not see the first one's values."""
+def test_phased_backward_twice(method, shape, k, s, cpu_parts, cpu_path):
+    """The phased backward overwrites each phase with its first window (the compiled one each
+    plane): a second backward with another dy must not see the first one's values."""
     x = np.random.default_rng(7).standard_normal(shape)
     layer, bottom, top, (y,) = run("Pooling", [x], phase=TRAIN,
                                    pooling_param={"pool": method, "kernel_size": k, "stride": s})
     assert layer.phased
     assert len(layer.parts) == cpu_parts
-    assert (layer.chunk == 1) == (chunks == "one plane")
+    assert (layer.chunk == 1) == cpu_path.endswith("one-plane chunks")
     np.testing.assert_allclose(y, pool_ref(x, (k, k), (s, s), (0, 0), method)[0], rtol=1e-12)
     rs = np.random.default_rng(8)
     grads = []
@@ -331,3 +336,23 @@ def test_matches_caffe(name, bottom_name, params):
     _, _, _, (y,) = run("Pooling", [x], dtype=np.float32, pooling_param=params)
     assert y.shape == expected.shape
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_max_backward_of_windows_without_a_maximum(cpu_path):
+    """Windows of nothing but -inf take their first kernel offset, which may lie in the padding:
+    its gradient is dropped (the compiled kernel checks the bounds instead of writing there)."""
+    x = np.full((2, 3, 5, 5), -np.inf)
+    x[0, 0, 2, 2] = 1.0
+    layer, bottom, top, (y,) = run("Pooling", [x], phase=TRAIN,
+                                   pooling_param={"pool": "MAX", "kernel_size": 3, "stride": 2, "pad": 1})
+    top[0].set_diff(np.ones(y.shape))
+    layer.backward(top, [True], bottom)
+    dx = bottom[0].cpu_diff()
+    # Windows (oh, ow) start at (2 oh - 1, 2 ow - 1): those starting in the padding send their
+    # gradient nowhere, the others to that first pixel, or to the one real maximum.
+    expected = np.zeros((5, 5))
+    expected[1, 1] = expected[1, 3] = expected[3, 1] = expected[3, 3] = 1
+    for plane in dx.reshape(-1, 5, 5)[1:]:
+        np.testing.assert_array_equal(plane, expected)
+    expected[1, 1], expected[2, 2] = 0, 1
+    np.testing.assert_array_equal(dx[0, 0], expected)

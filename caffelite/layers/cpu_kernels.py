@@ -1,0 +1,102 @@
+"""Compiled CPU kernels (cpu_kernels.c), called through ctypes.
+
+Most CPU layers are whole-array NumPy passes and BLAS. A few loops do not fit
+that mould: pooling backward scatters every output's gradient into its window,
+which NumPy can only do with a pass over all planes per kernel offset (or with
+``np.add.at``). Those loops are C, built with the package (setup.py), and run
+here on planes [p0, p1) so that layers can call them in parts on all cores
+(cpu_threads.py): ctypes lets go of the GIL for the call.
+
+The library is optional: where no C compiler was at hand when the package was
+built, ``LIB`` is None and the layers keep their NumPy passes (the same results).
+``caffelite device_query`` says which. Setting ``CAFFELITE_CPU_KERNELS=0`` turns
+the library off, to compare.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+import numpy as np
+
+_NAME = "_cpu_kernels"
+_I64P = ctypes.POINTER(ctypes.c_int64)
+
+
+def _load():
+    if os.environ.get("CAFFELITE_CPU_KERNELS", "1") == "0":
+        return None
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / (_NAME + suffix)
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    return None
+
+
+#: The compiled library, or None (the NumPy passes run instead).
+LIB = _load()
+
+_TYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
+          np.dtype(np.uint8): "u8", np.dtype(np.int32): "i32"}
+
+
+def describe() -> str:
+    """One line for ``caffelite device_query``."""
+    if LIB is not None:
+        return f"CPU kernels: compiled ({Path(LIB._name).name})"
+    why = ("turned off (CAFFELITE_CPU_KERNELS=0)" if os.environ.get("CAFFELITE_CPU_KERNELS") == "0"
+           else "not built (no C compiler when caffelite was installed)")
+    return f"CPU kernels: {why}; pooling backward runs as NumPy passes"
+
+
+def handles(*arrays) -> bool:
+    """Whether the library is loaded and has kernels for these arrays' element types."""
+    return LIB is not None and all(a.dtype in _TYPES for a in arrays)
+
+
+def _ptr(array):
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+def _strides(array):
+    """A (planes, Ho, Wo) view's strides in elements, as the kernels take them (the caller
+    holds the array while the kernel runs)."""
+    return np.array([s // array.itemsize for s in array.strides], np.int64)
+
+
+def _i64(array):
+    return array.ctypes.data_as(_I64P)
+
+
+def geometry(in_spatial, out_spatial, kernel, stride, pad):
+    """The kernels' geometry array: H, W, Ho, Wo, kernel h, w, stride h, w, pad h, w."""
+    return np.array(tuple(in_spatial) + tuple(out_spatial) + tuple(kernel) + tuple(stride)
+                    + tuple(pad), np.int64)
+
+
+def _planes(dx, planes):
+    if not dx.flags.c_contiguous:
+        raise ValueError("the input gradient must be contiguous (planes, H, W)")
+    return ctypes.c_int64(planes[0]), ctypes.c_int64(planes[1])
+
+
+def max_backward(dy, index, dx, planes, geom) -> None:
+    """dx (planes, H, W) = dy (planes, Ho, Wo) routed to the pixels that ``index`` (each
+    output's kernel offset, row-major in its window) names; planes [p0, p1) only."""
+    fn = getattr(LIB, f"max_backward_{_TYPES[dx.dtype]}_{_TYPES[index.dtype]}")
+    dy_strides, index_strides = _strides(dy), _strides(index)
+    if fn(_ptr(dy), _i64(dy_strides), _ptr(index), _i64(index_strides), _ptr(dx),
+          *_planes(dx, planes), _i64(geom)):
+        raise MemoryError("max_backward: no memory for the kernel offsets' table")
+
+
+def ave_backward(dy, dx, planes, geom) -> None:
+    """dx (planes, H, W) = every output's dy / pool size spread over its window; planes
+    [p0, p1) only."""
+    fn = getattr(LIB, f"ave_backward_{_TYPES[dx.dtype]}")
+    dy_strides, row = _strides(dy), np.empty(dx.shape[2], dx.dtype)
+    fn(_ptr(dy), _i64(dy_strides), _ptr(dx), *_planes(dx, planes), _i64(geom), _ptr(row))
+

@@ -1,0 +1,10 @@
+"""The package's one compiled part: the CPU kernels (caffelite/layers/cpu_kernels.c).
+
+A plain C library loaded with ctypes (no Python API). The build is optional: without
+a C compiler caffelite still installs and runs the same layers as NumPy passes.
+Everything else about the package is in pyproject.toml.
+"""
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("caffelite.layers._cpu_kernels", ["caffelite/layers/cpu_kernels.c"],
+                             extra_compile_args=["-O3", "-std=c99"], optional=True)])
