@@ -1,9 +1,9 @@
 """Compiled CPU kernels (cpu_kernels.c), called through ctypes.
 
 Most CPU layers are whole-array NumPy passes and BLAS. A few loops do not fit
-that mould: pooling backward scatters every output's gradient into its window,
-which NumPy can only do with a pass over all planes per kernel offset (or with
-``np.add.at``). Those loops are C, built with the package (setup.py), and run
+that mould: MAX pooling backward sends every output's gradient to one pixel of
+its window, which NumPy can only do with passes over all planes per kernel
+offset (or with ``np.add.at``). Those loops are C, built with the package (setup.py), and run
 here on planes [p0, p1) so that layers can call them in parts on all cores
 (cpu_threads.py): ctypes lets go of the GIL for the call.
 
@@ -49,7 +49,7 @@ def describe() -> str:
         return f"CPU kernels: compiled ({Path(LIB._name).name})"
     why = ("turned off (CAFFELITE_CPU_KERNELS=0)" if os.environ.get("CAFFELITE_CPU_KERNELS") == "0"
            else "not built (no C compiler when caffelite was installed)")
-    return f"CPU kernels: {why}; pooling backward runs as NumPy passes"
+    return f"CPU kernels: {why}; MAX pooling backward runs as NumPy passes"
 
 
 def handles(*arrays) -> bool:
@@ -91,12 +91,4 @@ def max_backward(dy, index, dx, planes, geom) -> None:
     if fn(_ptr(dy), _i64(dy_strides), _ptr(index), _i64(index_strides), _ptr(dx),
           *_planes(dx, planes), _i64(geom)):
         raise MemoryError("max_backward: no memory for the kernel offsets' table")
-
-
-def ave_backward(dy, dx, planes, geom) -> None:
-    """dx (planes, H, W) = every output's dy / pool size spread over its window; planes
-    [p0, p1) only."""
-    fn = getattr(LIB, f"ave_backward_{_TYPES[dx.dtype]}")
-    dy_strides, row = _strides(dy), np.empty(dx.shape[2], dx.dtype)
-    fn(_ptr(dy), _i64(dy_strides), _ptr(dx), *_planes(dx, planes), _i64(geom), _ptr(row))
 

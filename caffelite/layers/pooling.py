@@ -34,9 +34,10 @@ work goes through the planes in chunks whose phases fit the cache
 chunk buffers of its own. Work buffers are scratch from the arena all layers
 share (im2col.ARENA), only the argmax offsets are kept from forward to backward;
 padding is written around the copied pixels, not by a pass over the whole buffer.
-Where the compiled CPU kernels are built (cpu_kernels.py), backward is instead
-Caffe's own loop in C, one plane at a time, in parts of the planes; it reads the
-same argmax offsets. The NumPy backward above serves builds without a compiler.
+Where the compiled CPU kernels are built (cpu_kernels.py), MAX and STOCHASTIC
+backward is instead Caffe's own loop in C, one plane at a time, in parts of the
+planes, reading the same kernel offsets; the NumPy backward above serves AVE and
+builds without a compiler.
 
 On a GPU, MAX and AVE (global pooling included) run instead as Caffe's CUDA kernels do
 (caffelite/kernels/pooling.py): one thread per output forward, one per input element
@@ -181,7 +182,7 @@ class PoolingLayer(Layer):
             self.tail = max(shift for _, _, shift in self.shifts)
         # With kernel <= stride tiling the image (no pad, sizes divisible) the grid is the top.
         self.grid_is_top = self.phased and self.phase_shape == out
-        # Phased work and the compiled backward (cpu_kernels.py) run in parts of whole planes,
+        # Phased work and the compiled MAX backward (cpu_kernels.py) run in parts of whole planes,
         # one per core (cpu_threads.py); phased work goes through each part in chunks of planes.
         self.parts = split(self.planes, h * w) if self.xp is np else [(0, self.planes)]
         self.compiled = cpu_kernels.geometry(self.in_spatial, out, self.kernel, self.stride, self.pad)
@@ -543,7 +544,7 @@ class PoolingLayer(Layer):
                 raise self.error("STOCHASTIC pooling has a gradient only in the TRAIN phase",
                                  hint="run backward after a TRAIN forward")
             self._max(self._planes(bottom[0].data), True)
-        if cpu_kernels.handles(dx, dy):
+        if self.method != AVE and cpu_kernels.handles(dx, dy):
             self._backward_compiled(dy, dx)
             return
         divisor = self._divisor_array(dy.dtype) if self.method == AVE else None
@@ -561,11 +562,8 @@ class PoolingLayer(Layer):
             self._backward_windows(dy, dx, divisor)
 
     def _backward_compiled(self, dy, dx) -> None:
-        """Caffe's backward loops, compiled (cpu_kernels.c): each output's gradient into its
-        window (AVE) or to its argmax (MAX, STOCHASTIC), in parts of the planes."""
-        if self.method == AVE:
-            run_parts(lambda part: cpu_kernels.ave_backward(dy, dx, part, self.compiled), self.parts)
-            return
+        """Caffe's backward loop, compiled (cpu_kernels.c): each output's gradient to its
+        argmax (MAX) or sampled pixel (STOCHASTIC), in parts of the planes."""
         index = self._index_buffer()
         index = self._crop(index) if self.phased else index
         run_parts(lambda part: cpu_kernels.max_backward(dy, index, dx, part, self.compiled),

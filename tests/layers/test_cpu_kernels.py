@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (cpu_kernels.c) against plain NumPy loops: element types, strided
+"""The compiled CPU kernels (cpu_kernels.c) against plain loops: element types, strided
 outputs, plane ranges, padding. (The Pooling tests run the layer on them too.)"""
 import os
 import subprocess
@@ -18,35 +18,28 @@ def out_size(size, k, s, p):
     return value - 1 if p and (value - 1) * s >= size + p else value
 
 
-def scatter_ref(dy, index, shape, k, s, p, method):
-    """Caffe's backward loops: each output's gradient to its argmax offset (MAX) or spread
-    over its window clipped to the image, divided by the pool size (AVE)."""
+def max_backward_ref(dy, index, shape, k, s, p):
+    """Caffe's backward loop: each output's gradient to its argmax offset (dropped where that
+    lies in the padding)."""
     planes, height, width = shape
     dx = np.zeros(shape)
     for n in range(planes):
         for oh in range(dy.shape[1]):
             for ow in range(dy.shape[2]):
-                h0, w0 = oh * s[0] - p[0], ow * s[1] - p[1]
-                if method == "MAX":
-                    at = int(index[n, oh, ow])
-                    h, w = h0 + at // k[1], w0 + at % k[1]
-                    if 0 <= h < height and 0 <= w < width:
-                        dx[n, h, w] += dy[n, oh, ow]
-                    continue
-                h1, w1 = min(h0 + k[0], height + p[0]), min(w0 + k[1], width + p[1])
-                share = dy[n, oh, ow] / ((h1 - h0) * (w1 - w0))
-                dx[n, max(h0, 0):min(h1, height), max(w0, 0):min(w1, width)] += share
+                at = int(index[n, oh, ow])
+                h, w = oh * s[0] - p[0] + at // k[1], ow * s[1] - p[1] + at % k[1]
+                if 0 <= h < height and 0 <= w < width:
+                    dx[n, h, w] += dy[n, oh, ow]
     return dx
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("index_type", [np.uint8, np.int32])
-@pytest.mark.parametrize("method", ["MAX", "AVE"])
 @pytest.mark.parametrize("shape,k,s,p", [((5, 8, 8), (2, 2), (2, 2), (0, 0)),
                                          ((4, 9, 7), (3, 3), (2, 2), (1, 1)),
                                          ((3, 7, 10), (3, 2), (1, 3), (1, 0)),
                                          ((2, 6, 6), (4, 4), (3, 3), (2, 2))])
-def test_backward_matches_caffes_loops(dtype, index_type, method, shape, k, s, p):
+def test_max_backward_matches_caffes_loop(dtype, index_type, shape, k, s, p):
     rng = np.random.default_rng(3)
     out = (out_size(shape[1], k[0], s[0], p[0]), out_size(shape[2], k[1], s[1], p[1]))
     # The outputs as strided views, as the layer hands them over: a crop of a larger grid
@@ -57,25 +50,18 @@ def test_backward_matches_caffes_loops(dtype, index_type, method, shape, k, s, p
         rng.integers(0, k[0] * k[1], (out[0], out[1], shape[0])).astype(index_type)).transpose(2, 0, 1)
     dx = np.full(shape, np.nan, dtype)   # (every element is written)
     geom = cpu_kernels.geometry(shape[1:], out, k, s, p)
-    if method == "MAX":
-        cpu_kernels.max_backward(dy, index, dx, (0, shape[0]), geom)
-    else:
-        cpu_kernels.ave_backward(dy, dx, (0, shape[0]), geom)
+    cpu_kernels.max_backward(dy, index, dx, (0, shape[0]), geom)
     tol = 1e-6 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(dx, scatter_ref(dy, index, shape, k, s, p, method), rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, max_backward_ref(dy, index, shape, k, s, p), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("method", ["MAX", "AVE"])
-def test_only_the_given_planes_are_written(method):
+def test_only_the_given_planes_are_written():
     shape, k, s = (6, 6, 6), (2, 2), (2, 2)
     dy = np.ones((6, 3, 3), np.float32)
     index = np.full((6, 3, 3), 3, np.uint8)
     dx = np.full(shape, -7.0, np.float32)
     geom = cpu_kernels.geometry(shape[1:], (3, 3), k, s, (0, 0))
-    if method == "MAX":
-        cpu_kernels.max_backward(dy, index, dx, (2, 4), geom)
-    else:
-        cpu_kernels.ave_backward(dy, dx, (2, 4), geom)
+    cpu_kernels.max_backward(dy, index, dx, (2, 4), geom)
     assert (dx[:2] == -7).all() and (dx[4:] == -7).all()
     np.testing.assert_allclose(dx[2:4].sum(axis=(1, 2)), 9.0)
 
@@ -83,8 +69,8 @@ def test_only_the_given_planes_are_written(method):
 def test_a_strided_input_gradient_is_refused():
     dx = np.zeros((2, 4, 8), np.float32)[:, :, ::2]
     with pytest.raises(ValueError, match="contiguous"):
-        cpu_kernels.ave_backward(np.zeros((2, 2, 2), np.float32), dx, (0, 2),
-                                 cpu_kernels.geometry((4, 4), (2, 2), (2, 2), (2, 2), (0, 0)))
+        cpu_kernels.max_backward(np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8), dx,
+                                 (0, 2), cpu_kernels.geometry((4, 4), (2, 2), (2, 2), (2, 2), (0, 0)))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
