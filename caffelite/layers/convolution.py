@@ -22,10 +22,11 @@ pad skips im2col: the blob already is the column matrix, so forward and the data
 gradient are one matmul per item straight on the blobs. Several bottoms share
 the weights, one top each. ``engine`` CUDNN runs this same code for now.
 
-On the CPU a stride-1 Convolution may run another engine instead, picked per
-layer by a measured rule: conv_dft.py (small DFTs as GEMMs: fewer FLOPs for 5x5
-kernels with many channels) or conv_flat.py (im2col on the padded image's flat
-rows: cheap copies for the first layer's few channels).
+On the CPU a Convolution may run another engine instead, picked per layer by a
+measured rule: conv_dft.py (small DFTs as GEMMs: fewer FLOPs for 5x5 kernels with
+many channels, stride 1), conv_columns.py (compiled im2col in cache-sized chunks:
+the first layer's few channels) or, without the compiled kernels, conv_flat.py
+(stride 1, im2col on the padded image's flat rows: cheap NumPy copies).
 """
 from __future__ import annotations
 
@@ -33,14 +34,15 @@ import math
 
 from ..fillers import fill
 from ..registry import register_layer
-from . import conv_dft, conv_flat, im2col
+from . import conv_columns, conv_dft, conv_flat, im2col
 from .base import Layer, check_not_in_place
 from .im2col import ARENA, Columns, Geometry
 
 #: None picks per layer (the DFT engine where it saves enough FLOPs, else the
-#: flat engine where it pays, else im2col + GEMM); "gemm", "flat" or "dft" force
-#: one (tests, benchmarks). "dft" only applies to 2-D Convolution with stride 1
-#: and dilation 1, "flat" to Convolution with stride 1.
+#: columns engine, or the flat one without compiled kernels, where it pays, else
+#: im2col + GEMM); "gemm", "columns", "flat" or "dft" force one (tests, benchmarks).
+#: "dft" only applies to 2-D Convolution with stride 1 and dilation 1, "columns" to
+#: 2-D Convolution where the compiled kernels are built, "flat" to stride 1.
 FORCE_ENGINE: str | None = None
 
 
@@ -159,7 +161,8 @@ class _ConvolutionBase(Layer):
         self.chunks = self.columns.plan(self.xp, self.num, col_channels * g.kernel_count, col_spatial)
         self._col_ready = False
         self.dft = self._dft_engine()
-        self.flat = self._flat_engine() if self.dft is None else None
+        self.compiled = self._columns_engine() if self.dft is None else None
+        self.flat = self._flat_engine() if self.dft is None and self.compiled is None else None
 
     def _dft_engine(self):
         """The DFT engine for this geometry, or None for im2col + GEMM (see conv_dft.py)."""
@@ -167,7 +170,7 @@ class _ConvolutionBase(Layer):
         # float16 overflows the transform's sums, and on a GPU cuDNN / GEMM are the fast paths.
         if self.dtype.itemsize < 4 or self.device.is_gpu:
             return None
-        if (self.deconvolution or FORCE_ENGINE in ("gemm", "flat") or len(g.kernel) != 2
+        if (self.deconvolution or FORCE_ENGINE in ("gemm", "columns", "flat") or len(g.kernel) != 2
                 or any(s != 1 for s in g.stride) or any(d != 1 for d in g.dilation)
                 or g.kernel == (1, 1)):
             return None
@@ -181,10 +184,28 @@ class _ConvolutionBase(Layer):
             engine.key = key
         return engine
 
+    def _columns_engine(self):
+        """The columns engine for this geometry, or None (see conv_columns.py)."""
+        g = self.geometry
+        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE in ("gemm", "dft", "flat")
+                or im2col.FORCE_LAYOUT is not None or not conv_columns.available(self.dtype, g)
+                or (all(k == 1 for k in g.kernel) and all(s == 1 for s in g.stride)
+                    and not any(g.pad))):   # (pointwise: the image is its own column matrix)
+            return None
+        if FORCE_ENGINE != "columns" and not conv_columns.worth_it(self.channels, self.group, g):
+            return None
+        key = (self.num, self.channels, self.num_output, self.group, self.in_spatial, self.dtype,
+               self.bias_term, g)
+        engine = getattr(self, "compiled", None)
+        if engine is None or engine.key != key:
+            engine = conv_columns.ColumnsConvolution(self.dtype, *key[:5], g, self.bias_term)
+            engine.key = key
+        return engine
+
     def _flat_engine(self):
         """The flat engine for this geometry, or None (see conv_flat.py)."""
         g = self.geometry
-        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE in ("gemm", "dft")
+        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE in ("gemm", "columns", "dft")
                 or im2col.FORCE_LAYOUT is not None or any(s != 1 for s in g.stride)
                 or (all(k == 1 for k in g.kernel) and not any(g.pad))):
             return None
@@ -201,8 +222,8 @@ class _ConvolutionBase(Layer):
 
     @property
     def cpu_engine(self):
-        """The DFT or flat engine this layer runs, or None for the strided im2col + GEMM."""
-        return self.dft if self.dft is not None else self.flat
+        """The DFT, columns or flat engine this layer runs, or None for the strided im2col + GEMM."""
+        return next((e for e in (self.dft, self.compiled, self.flat) if e is not None), None)
 
     @property
     def pointwise(self) -> bool:

@@ -62,3 +62,77 @@ MAX_BACKWARD(max_backward_f32_i32, float, int32_t)
 MAX_BACKWARD(max_backward_f64_u8, double, uint8_t)
 MAX_BACKWARD(max_backward_f64_i32, double, int32_t)
 
+
+/* im2col and col2im, 2-D: the columns of image b are col[b * image_stride + r * row_stride + p]
+ * for column row r = (c, i, j) (channel, kernel row, kernel column) and output pixel
+ * p = oh * Wo + ow, holding x[b, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw] (0 in the padding).
+ * The strides give both layouts the convolution uses: (rows, n * pixels) for one GEMM over a
+ * chunk of images, and (n, rows, pixels) for a GEMM per image. Images [b0, b1) only.
+ * shape: C, H, W, Ho, Wo, kernel h, w, stride h, w, pad h, w, dilation h, w. */
+enum { C_, H_, W_, HO_, WO_, KH_, KW_, SH_, SW_, PH_, PW_, DH_, DW_ };
+
+/* The output columns [lo, hi) whose input column for kernel column j lies in the image. */
+static void columns_inside(const int64_t *s, int64_t j, int64_t *first, int64_t *lo, int64_t *hi) {
+    *first = j * s[DW_] - s[PW_];
+    *lo = *first < 0 ? (-*first + s[SW_] - 1) / s[SW_] : 0;
+    *hi = *first < s[W_] ? (s[W_] - 1 - *first) / s[SW_] + 1 : 0;
+    if (*hi > s[WO_]) *hi = s[WO_];
+    if (*lo > *hi) *lo = *hi;
+}
+
+#define IM2COL(NAME, T)                                                                       \
+    void NAME(const T *x, T *col, int64_t b0, int64_t b1, int64_t image_stride,               \
+              int64_t row_stride, const int64_t *s) {                                         \
+        const int64_t kernel = s[KH_] * s[KW_], plane = s[H_] * s[W_];                        \
+        for (int64_t b = b0; b < b1; ++b) {                                                   \
+            for (int64_t r = 0; r < s[C_] * kernel; ++r) {                                    \
+                const int64_t c = r / kernel, i = r / s[KW_] % s[KH_], j = r % s[KW_];        \
+                int64_t first, lo, hi;                                                        \
+                columns_inside(s, j, &first, &lo, &hi);                                       \
+                const T *image = x + (b * s[C_] + c) * plane;                                 \
+                T *out = col + b * image_stride + r * row_stride;                             \
+                for (int64_t oh = 0; oh < s[HO_]; ++oh, out += s[WO_]) {                      \
+                    const int64_t h = oh * s[SH_] - s[PH_] + i * s[DH_];                      \
+                    if (h < 0 || h >= s[H_]) {                                                \
+                        memset(out, 0, (size_t)s[WO_] * sizeof(T));                           \
+                        continue;                                                             \
+                    }                                                                         \
+                    const T *src = image + h * s[W_] + first;                                 \
+                    for (int64_t ow = 0; ow < lo; ++ow) out[ow] = 0;                          \
+                    if (s[SW_] == 1)                                                          \
+                        memcpy(out + lo, src + lo, (size_t)(hi - lo) * sizeof(T));             \
+                    else                                                                      \
+                        for (int64_t ow = lo; ow < hi; ++ow) out[ow] = src[ow * s[SW_]];      \
+                    for (int64_t ow = hi; ow < s[WO_]; ++ow) out[ow] = 0;                     \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+/* col2im: x[b] (overwritten) = the sum of every column entry at the pixel it came from. */
+#define COL2IM(NAME, T)                                                                       \
+    void NAME(const T *col, T *x, int64_t b0, int64_t b1, int64_t image_stride,               \
+              int64_t row_stride, const int64_t *s) {                                         \
+        const int64_t kernel = s[KH_] * s[KW_], plane = s[H_] * s[W_];                        \
+        for (int64_t b = b0; b < b1; ++b) {                                                   \
+            memset(x + b * s[C_] * plane, 0, (size_t)(s[C_] * plane) * sizeof(T));            \
+            for (int64_t r = 0; r < s[C_] * kernel; ++r) {                                    \
+                const int64_t c = r / kernel, i = r / s[KW_] % s[KH_], j = r % s[KW_];        \
+                int64_t first, lo, hi;                                                        \
+                columns_inside(s, j, &first, &lo, &hi);                                       \
+                T *image = x + (b * s[C_] + c) * plane;                                       \
+                const T *in = col + b * image_stride + r * row_stride;                        \
+                for (int64_t oh = 0; oh < s[HO_]; ++oh, in += s[WO_]) {                       \
+                    const int64_t h = oh * s[SH_] - s[PH_] + i * s[DH_];                      \
+                    if (h < 0 || h >= s[H_]) continue;                                        \
+                    T *dst = image + h * s[W_] + first;                                       \
+                    for (int64_t ow = lo; ow < hi; ++ow) dst[ow * s[SW_]] += in[ow];          \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+IM2COL(im2col_f32, float)
+IM2COL(im2col_f64, double)
+COL2IM(col2im_f32, float)
+COL2IM(col2im_f64, double)

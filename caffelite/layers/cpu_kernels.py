@@ -92,3 +92,37 @@ def max_backward(dy, index, dx, planes, geom) -> None:
           *_planes(dx, planes), _i64(geom)):
         raise MemoryError("max_backward: no memory for the kernel offsets' table")
 
+
+
+def conv_shape(channels, in_spatial, out_spatial, g):
+    """The im2col / col2im kernels' shape array for a 2-D im2col.Geometry ``g``: C, H, W, Ho,
+    Wo, kernel, stride, pad, dilation (h and w each)."""
+    return np.array((channels,) + tuple(in_spatial) + tuple(out_spatial) + tuple(g.kernel)
+                    + tuple(g.stride) + tuple(g.pad) + tuple(g.dilation), np.int64)
+
+
+def _columns_call(name, images, col, items, col_strides, shape) -> None:
+    """Checks what C would not (the kernels trust their arguments), then calls it."""
+    channels, height, width, out_h, out_w, kh, kw = (int(v) for v in shape[:7])
+    last = (items[1] - 1) * col_strides[0] + (channels * kh * kw - 1) * col_strides[1] + out_h * out_w
+    if not (images.flags.c_contiguous and col.flags.c_contiguous and images.dtype == col.dtype
+            and images.shape[1:] == (channels, height, width)
+            and 0 <= items[0] <= items[1] <= images.shape[0] and last <= col.size):
+        raise ValueError(f"{name}: images {images.shape} {images.dtype} and columns {col.shape} "
+                         f"{col.dtype} do not fit {tuple(int(v) for v in shape)} for items {tuple(items)}")
+    fn = getattr(LIB, f"{name}_{_TYPES[images.dtype]}")
+    pointers = (_ptr(images), _ptr(col)) if name == "im2col" else (_ptr(col), _ptr(images))
+    fn(*pointers, *(ctypes.c_int64(v) for v in tuple(items) + tuple(col_strides)), _i64(shape))
+
+
+def im2col(x, col, items, col_strides, shape) -> None:
+    """The columns of images [b0, b1) of x (n, C, H, W) into ``col``, where image b, row r,
+    pixel p is element b * image stride + r * row stride + p (``col_strides``: those two, in
+    elements); ``shape`` from ``conv_shape``."""
+    _columns_call("im2col", x, col, items, col_strides, shape)
+
+
+def col2im(col, dx, items, col_strides, shape) -> None:
+    """The adjoint of ``im2col``: images [b0, b1) of dx (n, C, H, W) = the column entries
+    summed back at their pixels (overwritten)."""
+    _columns_call("col2im", dx, col, items, col_strides, shape)

@@ -1,15 +1,16 @@
 """The shared scratch arena (im2col.ARENA): layers take their per-call buffers from it."""
 import numpy as np
+import pytest
 
 from caffelite import config
-from caffelite.layers import conv_dft, convolution
+from caffelite.layers import conv_dft, convolution, cpu_kernels
 from caffelite.layers.base import TRAIN
 from caffelite.layers.im2col import Arena, fill_outside
 from caffelite.net import Net
 
-# One layer of every engine that takes scratch from the arena: flat (conv1: 3 channels),
-# DFT (conv2: 5x5, many channels, forced below), im2col + GEMM (conv3: stride 2), phased
-# MAX pooling, AVE pooling, both LRN regions.
+# One layer of every engine that takes scratch from the arena: columns, or flat without the
+# compiled kernels (conv1: 3 channels), DFT (conv2: 5x5, many channels, forced below),
+# im2col + GEMM (conv3: stride 2), phased MAX pooling, AVE pooling, both LRN regions.
 NET = """
 name: arena
 layer:
@@ -48,12 +49,21 @@ def _results(net: Net) -> list:
             + [net.blobs["data"].diff.copy()] + [p.diff.copy() for p in net.learnable_params])
 
 
-def test_engines_as_configured(monkeypatch):
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """With the compiled CPU kernels (cpu_kernels.py) and without."""
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_kernels, "LIB", None)
+    return request.param
+
+
+def test_engines_as_configured(monkeypatch, kernels):
     monkeypatch.setattr(convolution, "FORCE_ENGINE", None)
     monkeypatch.setattr(conv_dft, "DFT_ADVANTAGE", 1e9)
     net = _net(12)
     layers = dict(zip(net.layer_names, net.layers))
-    assert layers["conv1"].flat is not None
+    first = layers["conv1"].compiled if kernels == "compiled" else layers["conv1"].flat
+    assert first is not None and layers["conv1"].cpu_engine is first
     assert layers["conv2"].dft is not None
     assert layers["conv3"].cpu_engine is None
 
@@ -63,7 +73,7 @@ def _fresh(self, shape, dtype, fill=None, role=None):
     return np.full(shape, 77 if fill is None else fill, dtype)
 
 
-def test_interleaved_nets_match_unshared_buffers(monkeypatch):
+def test_interleaved_nets_match_unshared_buffers(monkeypatch, kernels):
     """With the arena, and another net running between a forward and its backward (so all the
     shared scratch is overwritten), the results equal those with a fresh array per request:
     nothing a layer reads was left in the arena by an earlier call."""

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from caffelite.layers import conv_flat, convolution, im2col
+from caffelite.layers import conv_flat, convolution, cpu_kernels, im2col
 from caffelite.layers.im2col import Geometry
 from layer_testing import check_gradient, run
 from test_convolution import (FILLERS, _geometry, check_float32_close_to_float64,
@@ -104,9 +104,10 @@ def test_strided_and_deconvolution_keep_im2col(flat):
     assert layer.flat is None
 
 
-def test_engine_choice():
-    """Chosen for LeNet's and CIFAR-10's first layers; not where the GEMM dominates (many
-    channels) or much of it would be thrown away (narrow maps)."""
+def test_engine_choice(monkeypatch):
+    """Chosen, without the compiled kernels, for LeNet's and CIFAR-10's first layers; not where
+    the GEMM dominates (many channels) or much of it would be thrown away (narrow maps)."""
+    monkeypatch.setattr(cpu_kernels, "LIB", None)
     def geometry(k, p):
         return Geometry((k, k), (1, 1), (p, p), (1, 1))
     assert conv_flat.worth_it(1, 1, (28, 28), geometry(5, 0))          # LeNet conv1
