@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from caffelite.layers import cpu_kernels
+from caffelite.layers import cpu_kernels, im2col
+from caffelite.layers.im2col import ARENA, Columns, Geometry
 
 def test_the_library_is_built():
     assert cpu_kernels.LIB is not None, "the CPU kernels are not built: pip install -e ."
@@ -84,3 +85,50 @@ def test_environment_turns_the_library_off():
     env = dict(os.environ, CAFFELITE_CPU_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+GEOMETRIES = [((3, 3), (1, 1), (1, 1), (1, 1)), ((5, 5), (1, 1), (2, 2), (1, 1)),
+              ((3, 2), (2, 3), (0, 1), (1, 1)), ((3, 3), (1, 2), (2, 0), (2, 1)),
+              ((2, 2), (3, 3), (3, 3), (1, 1))]   # (the last: windows wholly in the padding)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["rows first", "items first"])
+@pytest.mark.parametrize("kernel,stride,pad,dilation", GEOMETRIES)
+def test_im2col_matches_numpy_and_col2im_is_its_adjoint(dtype, layout, kernel, stride, pad, dilation,
+                                                        monkeypatch):
+    monkeypatch.setattr(im2col, "FORCE_LAYOUT", "batch_first")
+    g = Geometry(kernel, stride, pad, dilation)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 7, 8)).astype(dtype)
+    out = g.conv_out(x.shape[2:])
+    rows, pixels = 2 * g.kernel_count, int(np.prod(out))
+    columns = Columns(g)
+    columns.plan(np, 3, rows, out)
+    with ARENA.scope():
+        want = columns.im2col(np, x, out).copy()   # (rows, n * pixels), NumPy's strided slices
+    shape = cpu_kernels.conv_shape(2, x.shape[2:], out, g)
+    strides = (pixels, 3 * pixels) if layout == "rows first" else (rows * pixels, pixels)
+    col = np.full(rows * 3 * pixels, np.nan, dtype)
+    cpu_kernels.im2col(x, col, (0, 3), strides, shape)
+    got = col.reshape(rows, 3 * pixels) if layout == "rows first" else \
+        col.reshape(3, rows, pixels).transpose(1, 0, 2).reshape(rows, -1)
+    np.testing.assert_array_equal(got, want)
+    # <im2col(x), c> == <x, col2im(c)> for every c: col2im is the adjoint.
+    c = rng.standard_normal(col.shape).astype(dtype)
+    back = np.full(x.shape, np.nan, dtype)
+    cpu_kernels.col2im(c, back, (0, 3), strides, shape)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(np.dot(col, c), np.vdot(x, back), rtol=tol)
+
+
+def test_columns_kernels_check_their_buffers():
+    g = Geometry((3, 3), (1, 1), (1, 1), (1, 1))
+    x = np.zeros((2, 2, 5, 5), np.float32)
+    shape = cpu_kernels.conv_shape(2, (5, 5), (5, 5), g)
+    with pytest.raises(ValueError, match="do not fit"):   # one item's columns short
+        cpu_kernels.im2col(x, np.zeros(18 * 25 * 2 - 1, np.float32), (0, 2), (25, 50), shape)
+    with pytest.raises(ValueError, match="do not fit"):   # items past the batch
+        cpu_kernels.col2im(np.zeros(18 * 25 * 3, np.float32), x, (0, 3), (25, 75), shape)
+    with pytest.raises(ValueError, match="do not fit"):   # another element type
+        cpu_kernels.im2col(x, np.zeros(18 * 25 * 2), (0, 2), (25, 50), shape)
