@@ -24,9 +24,10 @@ the weights, one top each. ``engine`` CUDNN runs this same code for now.
 
 On the CPU a Convolution may run another engine instead, picked per layer by a
 measured rule: conv_dft.py (small DFTs as GEMMs: fewer FLOPs for 5x5 kernels with
-many channels, stride 1), conv_columns.py (compiled im2col in cache-sized chunks:
-the first layer's few channels) or, without the compiled kernels, conv_flat.py
-(stride 1, im2col on the padded image's flat rows: cheap NumPy copies).
+many channels, stride 1), conv_columns.py (compiled im2col in cache-sized chunks,
+GEMMs per item backward: 2-D layers with outputs of 256 pixels or more) or,
+without the compiled kernels, conv_flat.py (stride 1, im2col on the padded
+image's flat rows: cheap NumPy copies for the first layer's few channels).
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ class _ConvolutionBase(Layer):
                 or (all(k == 1 for k in g.kernel) and all(s == 1 for s in g.stride)
                     and not any(g.pad))):   # (pointwise: the image is its own column matrix)
             return None
-        if FORCE_ENGINE != "columns" and not conv_columns.worth_it(self.channels, self.group, g):
+        if FORCE_ENGINE != "columns" and not conv_columns.worth_it(self.out_spatial):
             return None
         key = (self.num, self.channels, self.num_output, self.group, self.in_spatial, self.dtype,
                self.bias_term, g)

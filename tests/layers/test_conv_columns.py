@@ -77,12 +77,13 @@ def test_float32_close_to_float64(columns):
 
 
 def test_engine_choice():
-    """Chosen for few column rows (first layers), any stride; not for many channels, 1-D or
-    3-D, pointwise kernels, float16 or without the compiled kernels."""
+    """Chosen for outputs of 256 pixels or more, any stride; not for small maps, 1-D or 3-D,
+    pointwise kernels, float16 or without the compiled kernels."""
     def geometry(k, s=1, p=0):
         return Geometry((k, k), (s, s), (p, p), (1, 1))
-    assert conv_columns.worth_it(3, 1, geometry(5, p=2))           # CIFAR-10 conv1
-    assert not conv_columns.worth_it(32, 1, geometry(5, p=2))      # CIFAR-10 conv2
+    assert conv_columns.worth_it((32, 32))         # CIFAR-10 conv1
+    assert conv_columns.worth_it((55, 55))         # AlexNet conv1
+    assert not conv_columns.worth_it((13, 13))     # AlexNet conv3
     assert conv_columns.available(np.float32, geometry(5))
     assert not conv_columns.available(np.float16, geometry(5))
     assert not conv_columns.available(np.float32, Geometry((3,), (1,), (0,), (1,)))
