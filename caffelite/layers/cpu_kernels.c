@@ -136,3 +136,32 @@ IM2COL(im2col_f32, float)
 IM2COL(im2col_f64, double)
 COL2IM(col2im_f32, float)
 COL2IM(col2im_f64, double)
+
+/* The SGD and Nesterov steps in one pass over a parameter (the NumPy code does 6 and 9), in
+ * the same order and rounding as Caffe's CPU code (and as the NumPy path: no fused
+ * multiply-add, see setup.py): g = diff + decay * w, history = momentum * history + rate * g,
+ * and the step into diff: SGD history, Nesterov (1 + momentum) * history - momentum * the
+ * previous history. */
+#define SGD_UPDATE(NAME, T)                                                                   \
+    void NAME(int64_t count, T momentum, T rate, T decay, const T *w, T *history, T *diff) {   \
+        for (int64_t i = 0; i < count; ++i) {                                                 \
+            const T g = diff[i] + decay * w[i];                                               \
+            history[i] = momentum * history[i] + rate * g;                                    \
+            diff[i] = history[i];                                                             \
+        }                                                                                     \
+    }
+
+#define NESTEROV_UPDATE(NAME, T)                                                              \
+    void NAME(int64_t count, T momentum, T rate, T decay, const T *w, T *history, T *diff) {   \
+        const T ahead = (T)1 + momentum;                                                      \
+        for (int64_t i = 0; i < count; ++i) {                                                 \
+            const T g = diff[i] + decay * w[i], previous = history[i];                        \
+            history[i] = momentum * previous + rate * g;                                      \
+            diff[i] = -momentum * previous + ahead * history[i];                              \
+        }                                                                                     \
+    }
+
+SGD_UPDATE(sgd_update_f32, float)
+SGD_UPDATE(sgd_update_f64, double)
+NESTEROV_UPDATE(nesterov_update_f32, float)
+NESTEROV_UPDATE(nesterov_update_f64, double)

@@ -126,3 +126,16 @@ def col2im(col, dx, items, col_strides, shape) -> None:
     """The adjoint of ``im2col``: images [b0, b1) of dx (n, C, H, W) = the column entries
     summed back at their pixels (overwritten)."""
     _columns_call("col2im", dx, col, items, col_strides, shape)
+
+
+def momentum_update(kind, momentum, rate, decay, w, history, diff) -> None:
+    """``kind`` "sgd" or "nesterov": the solver step of cpu_kernels.c in one pass, into
+    ``history`` and ``diff`` (w, history and diff: contiguous, one element type)."""
+    if not (w.dtype == history.dtype == diff.dtype and w.size == history.size == diff.size
+            and all(a.flags.c_contiguous for a in (w, history, diff))):
+        raise ValueError(f"{kind} update: the parameter, its history and its gradient must be "
+                         f"contiguous arrays of one size and element type")
+    scalar = ctypes.c_float if w.dtype == np.float32 else ctypes.c_double
+    getattr(LIB, f"{kind}_update_{_TYPES[w.dtype]}")(
+        ctypes.c_int64(w.size), *(scalar(v) for v in (momentum, rate, decay)),
+        _ptr(w), _ptr(history), _ptr(diff))

@@ -8,7 +8,8 @@ and V the history blob (one per learnable parameter)::
 
 The step is written into ``diff``; the net then does W -= diff. On a GPU each update is one
 fused CuPy kernel per parameter (kernels.fused_kernel), or one for all of them at once
-(flat_update.py); on the CPU the NumPy code below, in Caffe's order.
+(flat_update.py); on the CPU one pass of the compiled kernels (cpu_kernels.c), or without
+them the NumPy code below; all in Caffe's order.
 """
 from __future__ import annotations
 
@@ -30,11 +31,15 @@ _NESTEROV = ("T momentum, T rate, T decay, T w", "T history, T diff",
 @register_solver("SGD")
 class SGDSolver(Solver):
     fuses_l2_decay = True
+    cpu_kernel = "sgd"
 
     def compute_update(self, param_id: int, rate: float) -> None:
         xp = self._xp
         diff = self.learnable_params[param_id].diff
         history = self.history_data(param_id)
+        if xp is np and self.fused_step(param_id):
+            self._compiled_step(param_id, rate)
+            return
         if xp is not np:
             fused_kernel(xp, *_SGD)(self._dt(self.param.momentum), self.local_rate(param_id, rate),
                                     self.fused_l2_decay(param_id), self.learnable_params[param_id].data,
@@ -51,12 +56,16 @@ class SGDSolver(Solver):
 @register_solver("Nesterov")
 class NesterovSolver(Solver):
     fuses_l2_decay = True
+    cpu_kernel = "nesterov"
 
     def compute_update(self, param_id: int, rate: float) -> None:
         xp = self._xp
         m = self._dt(self.param.momentum)
         diff = self.learnable_params[param_id].diff
         history = self.history_data(param_id)
+        if xp is np and self.fused_step(param_id):
+            self._compiled_step(param_id, rate)
+            return
         if xp is not np:
             fused_kernel(xp, *_NESTEROV)(m, self.local_rate(param_id, rate), self.fused_l2_decay(param_id),
                                          self.learnable_params[param_id].data, history, diff)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..blob import Blob
 from ..io.weights import copy_weights
+from ..layers import cpu_kernels
 from ..log import g
 from ..net import Net
 
@@ -112,15 +113,32 @@ class ParameterUpdate:
 
     #: The solver type's GPU kernel adds the L2 decay itself (``fused_l2_decay``).
     fuses_l2_decay = False
+    #: The solver type's step in the compiled CPU kernels (cpu_kernels.momentum_update), which
+    #: adds the L2 decay itself too; None: NumPy on the CPU.
+    cpu_kernel: str | None = None
+
+    def fused_step(self, param_id: int) -> bool:
+        """Whether this parameter's step runs as one fused kernel: on a GPU, or on the CPU in the
+        compiled kernels."""
+        if self._xp is not np:
+            return self.fuses_l2_decay
+        return self.cpu_kernel is not None and cpu_kernels.handles(self.learnable_params[param_id].data)
 
     def local_decay(self, param_id: int):
         """weight_decay * decay_mult, in the parameters' precision."""
         return self._dt(self.param.weight_decay) * self._dt(self.net.params_weight_decay[param_id])
 
+    def _compiled_step(self, param_id: int, rate: float) -> None:
+        """``compute_update`` in one pass of the compiled kernels (``cpu_kernel``)."""
+        blob = self.learnable_params[param_id]
+        cpu_kernels.momentum_update(self.cpu_kernel, self._dt(self.param.momentum),
+                                    self.local_rate(param_id, rate), self.fused_l2_decay(param_id),
+                                    blob.data, self.history_data(param_id), blob.diff)
+
     def fused_l2_decay(self, param_id: int):
-        """The L2 decay a fused GPU update kernel adds (g + decay * W) for this parameter: 0 when
-        ``regularize`` did it (CPU, L1, a type without such a kernel)."""
-        if self.fuses_l2_decay and self._xp is not np and self.param.regularization_type == "L2":
+        """The L2 decay a fused update kernel adds (g + decay * W) for this parameter: 0 when
+        ``regularize`` did it (L1, NumPy, a type without such a kernel)."""
+        if self.param.regularization_type == "L2" and self.fused_step(param_id):
             return self.local_decay(param_id)
         return self._dt(0)
 

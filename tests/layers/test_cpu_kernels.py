@@ -132,3 +132,11 @@ def test_columns_kernels_check_their_buffers():
         cpu_kernels.col2im(np.zeros(18 * 25 * 3, np.float32), x, (0, 3), (25, 75), shape)
     with pytest.raises(ValueError, match="do not fit"):   # another element type
         cpu_kernels.im2col(x, np.zeros(18 * 25 * 2), (0, 2), (25, 50), shape)
+
+
+def test_momentum_update_refuses_mismatched_arrays():
+    w, h = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="one size and element type"):
+        cpu_kernels.momentum_update("sgd", 0.9, 0.1, 0.0, w, h, np.zeros(4))
+    with pytest.raises(ValueError, match="one size and element type"):
+        cpu_kernels.momentum_update("sgd", 0.9, 0.1, 0.0, w, h, np.zeros(3, np.float32))

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffelite.errors import ConfigError
+from caffelite.layers import cpu_kernels
 from caffelite.layers.base import Layer
 from caffelite.proto import pb
 from caffelite.registry import LAYERS, register_layer
@@ -138,10 +139,21 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def cpu_step(request, monkeypatch):
+    """SGD and Nesterov steps in the compiled CPU kernels (cpu_kernels.c) and in NumPy."""
+    if request.param == "compiled":
+        assert cpu_kernels.LIB is not None, "the CPU kernels are not built: pip install -e ."
+    else:
+        monkeypatch.setattr(cpu_kernels, "LIB", None)
+    return request.param
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("type_", list(TYPES))
-def test_update_matches_closed_form(type_, variant):
+def test_update_matches_closed_form(type_, variant, cpu_step):
     solver = make_solver(type_, **TYPES[type_], **VARIANTS[variant])
+    assert solver.fused_step(0) == (cpu_step == "compiled" and type_ in ("SGD", "Nesterov"))
     layer = solver.net.layer_by_name["quad"]
     W0 = [b.cpu_data().copy() for b in layer.blobs]
     solver.step(3)
@@ -156,6 +168,22 @@ def test_update_matches_closed_form(type_, variant):
             np.testing.assert_allclose(solver.history[n + i].cpu_data(), H2[i], rtol=1e-10, atol=1e-14)
     assert solver.iter == 3
     assert solver.current_step == 1  # the step policy's position: floor(2 / 2)
+
+
+@pytest.mark.parametrize("type_", ["SGD", "Nesterov"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_step_rounds_as_numpy(type_, dtype, monkeypatch):
+    """The one-pass compiled step gives the NumPy passes' bits (same order, no fused
+    multiply-add), weight decay included."""
+    def train():
+        solver = make_solver(type_, dtype=dtype, **TYPES[type_], weight_decay=0.01, max_iter=5)
+        solver.step(5)
+        layer = solver.net.layer_by_name["quad"]
+        return [b.cpu_data().copy() for b in layer.blobs] + [h.cpu_data().copy() for h in solver.history]
+    compiled = train()
+    monkeypatch.setattr(cpu_kernels, "LIB", None)
+    for got, want in zip(compiled, train()):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("type_", list(TYPES))
