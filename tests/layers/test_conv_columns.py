@@ -6,17 +6,10 @@ import pytest
 from caffelite.layers import conv_columns, convolution, cpu_kernels
 from caffelite.layers.im2col import Geometry
 from layer_testing import check_gradient, run
-from test_convolution import (FILLERS, _geometry, check_float32_close_to_float64,
-                              check_one_parameter_frozen, conv_ref, cp)
+from test_convolution import (FILLERS, check_engine_matches_loops, check_float32_close_to_float64,
+                              ENGINE_CASES, check_one_parameter_frozen, cp, layer_expected)
 
-CASES = [
-    ((2, 3, 6, 5), {"num_output": 4, "kernel_size": 3}),
-    ((2, 3, 7, 7), {"num_output": 2, "kernel_size": 3, "pad": 1}),
-    ((1, 4, 9, 8), {"num_output": 4, "kernel_size": 2, "dilation": 2, "pad": 1, "group": 2}),
-    ((2, 2, 6, 7), {"num_output": 3, "kernel_h": 3, "kernel_w": 2, "pad_h": 1, "pad_w": 0,
-                    "bias_term": False}),
-    ((2, 4, 6, 6), {"num_output": 4, "kernel_size": 3, "group": 4, "pad": 1}),   # depthwise
-    ((3, 2, 4, 4), {"num_output": 3, "kernel_size": 1, "pad": 1}),              # 1x1 with a pad
+CASES = ENGINE_CASES + [
     ((2, 3, 11, 9), {"num_output": 2, "kernel_size": 3, "stride": 2, "pad": 2}),
     ((2, 1, 12, 13), {"num_output": 3, "kernel_h": 5, "kernel_w": 3, "stride_h": 3, "stride_w": 2,
                       "pad_h": 1, "pad_w": 2, "dilation": 2}),
@@ -30,20 +23,9 @@ def columns(monkeypatch):
     monkeypatch.setattr(convolution, "FORCE_ENGINE", "columns")
 
 
-def _expected(layer, x, params):
-    kernel, stride, pad, dilation = _geometry(params, x.ndim - 2)
-    w = layer.blobs[0].cpu_data()
-    b = layer.blobs[1].cpu_data() if params.get("bias_term", True) else None
-    return conv_ref(x, w, b, stride, pad, dilation, params.get("group", 1))
-
-
 @pytest.mark.parametrize("shape,params", CASES)
 def test_matches_loops_and_gradient(shape, params, columns):
-    x = np.random.default_rng(0).standard_normal(shape)
-    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
-    assert layer.compiled is not None and layer.cpu_engine is layer.compiled
-    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
-    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+    check_engine_matches_loops(shape, params, "compiled")
 
 
 def test_chunks(columns, monkeypatch):
@@ -54,12 +36,12 @@ def test_chunks(columns, monkeypatch):
     monkeypatch.setattr(conv_columns, "CHUNK_BYTES", 2 * 18 * 36 * 8)   # 2 items' columns
     layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
     assert layer.compiled.chunk == 2
-    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, layer_expected(layer, x, params), rtol=1e-10, atol=1e-10)
     assert check_gradient(layer, bottom, top, max_checks=60) > 0
     a, b = rs.standard_normal((2, 2, 6, 6)), rs.standard_normal((2, 2, 6, 6))
     layer, bottom, top, (ya, yb) = run("Convolution", [a, b], num_top=2,
                                        convolution_param=cp({**params, **FILLERS}))
-    np.testing.assert_allclose(yb, _expected(layer, b, params), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(yb, layer_expected(layer, b, params), rtol=1e-10, atol=1e-10)
     assert check_gradient(layer, bottom, top, max_checks=40) > 0
 
 

@@ -5,17 +5,10 @@ import pytest
 from caffelite.layers import conv_flat, convolution, cpu_kernels, im2col
 from caffelite.layers.im2col import Geometry
 from layer_testing import check_gradient, run
-from test_convolution import (FILLERS, _geometry, check_float32_close_to_float64,
-                              check_one_parameter_frozen, conv_ref, cp)
+from test_convolution import (FILLERS, check_engine_matches_loops, check_float32_close_to_float64,
+                              ENGINE_CASES, check_one_parameter_frozen, cp, layer_expected)
 
-CASES = [
-    ((2, 3, 6, 5), {"num_output": 4, "kernel_size": 3}),
-    ((2, 3, 7, 7), {"num_output": 2, "kernel_size": 3, "pad": 1}),
-    ((1, 4, 9, 8), {"num_output": 4, "kernel_size": 2, "dilation": 2, "pad": 1, "group": 2}),
-    ((2, 2, 6, 7), {"num_output": 3, "kernel_h": 3, "kernel_w": 2, "pad_h": 1, "pad_w": 0,
-                    "bias_term": False}),
-    ((2, 4, 6, 6), {"num_output": 4, "kernel_size": 3, "group": 4, "pad": 1}),   # depthwise
-    ((3, 2, 4, 4), {"num_output": 3, "kernel_size": 1, "pad": 1}),              # 1x1 with a pad
+CASES = ENGINE_CASES + [
     ((2, 2, 7), {"num_output": 3, "kernel_size": 3, "pad": 1}),                 # 1-D
     ((1, 2, 4, 3, 4), {"num_output": 2, "kernel_size": 2, "pad": [1, 0, 1]}),   # 3-D
 ]
@@ -26,20 +19,9 @@ def flat(monkeypatch):
     monkeypatch.setattr(convolution, "FORCE_ENGINE", "flat")
 
 
-def _expected(layer, x, params):
-    kernel, stride, pad, dilation = _geometry(params, x.ndim - 2)
-    w = layer.blobs[0].cpu_data()
-    b = layer.blobs[1].cpu_data() if params.get("bias_term", True) else None
-    return conv_ref(x, w, b, stride, pad, dilation, params.get("group", 1))
-
-
 @pytest.mark.parametrize("shape,params", CASES)
 def test_matches_loops_and_gradient(shape, params, flat):
-    x = np.random.default_rng(0).standard_normal(shape)
-    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
-    assert layer.flat is not None and layer.dft is None
-    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
-    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+    check_engine_matches_loops(shape, params, "flat")
 
 
 def test_chunks_and_grouped_weight_gradient(flat, monkeypatch):
@@ -51,7 +33,7 @@ def test_chunks_and_grouped_weight_gradient(flat, monkeypatch):
     params = {"num_output": 3, "kernel_size": 3, "pad": 1}
     layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
     assert layer.flat.chunk == 1
-    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, layer_expected(layer, x, params), rtol=1e-10, atol=1e-10)
     assert check_gradient(layer, bottom, top, max_checks=60) > 0
     monkeypatch.setattr(conv_flat, "CHUNK_BYTES", 3 * layer.flat.rows * layer.flat.pixels * 8)
     layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
@@ -68,14 +50,14 @@ def test_columns_not_kept(flat, monkeypatch):
     x = rs.standard_normal((5, 2, 6, 6))
     layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
     assert layer.flat.batch == 2 and not layer.flat.x_ready
-    np.testing.assert_allclose(y, _expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, layer_expected(layer, x, params), rtol=1e-10, atol=1e-10)
     assert check_gradient(layer, bottom, top, max_checks=60) > 0
     monkeypatch.undo()
     monkeypatch.setattr(convolution, "FORCE_ENGINE", "flat")
     a, b = rs.standard_normal((2, 2, 6, 6)), rs.standard_normal((2, 2, 6, 6))
     layer, bottom, top, (ya, yb) = run("Convolution", [a, b], num_top=2,
                                        convolution_param=cp({**params, **FILLERS}))
-    np.testing.assert_allclose(yb, _expected(layer, b, params), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(yb, layer_expected(layer, b, params), rtol=1e-10, atol=1e-10)
     assert not layer.flat.x_ready
     assert check_gradient(layer, bottom, top, max_checks=40) > 0
 

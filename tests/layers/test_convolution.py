@@ -131,6 +131,37 @@ def check_one_parameter_frozen(x, frozen: int, seed: int, rtol: float):
     return layer, reference, dy
 
 
+#: 2-D cases every CPU engine's tests run (test_conv_flat.py, test_conv_columns.py).
+ENGINE_CASES = [
+    ((2, 3, 6, 5), {"num_output": 4, "kernel_size": 3}),
+    ((2, 3, 7, 7), {"num_output": 2, "kernel_size": 3, "pad": 1}),
+    ((1, 4, 9, 8), {"num_output": 4, "kernel_size": 2, "dilation": 2, "pad": 1, "group": 2}),
+    ((2, 2, 6, 7), {"num_output": 3, "kernel_h": 3, "kernel_w": 2, "pad_h": 1, "pad_w": 0,
+                    "bias_term": False}),
+    ((2, 4, 6, 6), {"num_output": 4, "kernel_size": 3, "group": 4, "pad": 1}),   # depthwise
+    ((3, 2, 4, 4), {"num_output": 3, "kernel_size": 1, "pad": 1}),              # 1x1 with a pad
+]
+
+
+def layer_expected(layer, x, params):
+    """Direct loops with ``layer``'s weights and bias for a Convolution with ``params``."""
+    kernel, stride, pad, dilation = _geometry(params, x.ndim - 2)
+    w = layer.blobs[0].cpu_data()
+    b = layer.blobs[1].cpu_data() if params.get("bias_term", True) else None
+    return conv_ref(x, w, b, stride, pad, dilation, params.get("group", 1))
+
+
+def check_engine_matches_loops(shape, params, engine: str):
+    """A Convolution with ``params`` runs on its ``engine`` attribute's engine, matches the direct
+    loops and passes the gradient check; returns the layer."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    layer, bottom, top, (y,) = run("Convolution", [x], convolution_param=cp({**params, **FILLERS}))
+    assert getattr(layer, engine) is not None and layer.cpu_engine is getattr(layer, engine)
+    np.testing.assert_allclose(y, layer_expected(layer, x, params), rtol=1e-10, atol=1e-10)
+    assert check_gradient(layer, bottom, top, max_checks=60) > 0
+    return layer
+
+
 def _geometry(params, D):
     kernel = (params["kernel_h"], params["kernel_w"]) if "kernel_h" in params else \
         _per_axis(params["kernel_size"], D, None)
