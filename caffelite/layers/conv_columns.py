@@ -55,7 +55,7 @@ class ColumnsConvolution:
     def __init__(self, dtype, n: int, c: int, m: int, group: int, in_spatial: tuple,
                  geometry: Geometry, bias: bool):
         self.dtype = np.dtype(dtype)
-        self.c, self.m, self.group, self.bias = c, m, group, bias
+        self.m, self.group, self.bias = m, group, bias
         out = geometry.conv_out(in_spatial)
         self.pixels = math.prod(out)
         self.rows = c * geometry.kernel_count

@@ -1,13 +1,14 @@
-/* Compiled CPU loops for what NumPy cannot do in whole-array passes (see cpu_kernels.py).
+/* Compiled CPU loops for what NumPy cannot do in whole-array passes (see cpu_kernels.py):
+ * MAX pooling backward, im2col / col2im for the columns convolution engine, and the SGD /
+ * Nesterov steps in one pass.
  *
  * MAX pooling backward sends each output's gradient to its window's argmax: Caffe's own loop
  * (pooling_layer.cpp), one plane at a time, so a plane's sums stay in the cache. NumPy needs
  * a compare and a multiply-add over every plane per kernel offset for the same thing. (AVE
- * backward in C, separable or not, measured slower than the phased NumPy passes.)
- *
- * Kernels take planes [p0, p1) of (planes, H, W) inputs and (planes, Ho, Wo) outputs;
- * the outputs (dy, the argmax) are read through element strides, so a top, a phased grid or a
- * batch-last buffer serve alike. The input gradient dx is contiguous and overwritten.
+ * backward in C, separable or not, measured slower than the phased NumPy passes.) It takes
+ * planes [p0, p1) of (planes, H, W) inputs and (planes, Ho, Wo) outputs; the outputs (dy, the
+ * argmax) are read through element strides, so a top, a phased grid or a batch-last buffer
+ * serve alike. The input gradient dx is contiguous and overwritten.
  * geometry: H, W, Ho, Wo, kernel h, w, stride h, w, pad h, w.
  */
 #include <stdint.h>
@@ -61,7 +62,6 @@ MAX_BACKWARD(max_backward_f32_u8, float, uint8_t)
 MAX_BACKWARD(max_backward_f32_i32, float, int32_t)
 MAX_BACKWARD(max_backward_f64_u8, double, uint8_t)
 MAX_BACKWARD(max_backward_f64_i32, double, int32_t)
-
 
 /* im2col and col2im, 2-D: the columns of image b are col[b * image_stride + r * row_stride + p]
  * for column row r = (c, i, j) (channel, kernel row, kernel column) and output pixel

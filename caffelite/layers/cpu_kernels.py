@@ -2,10 +2,13 @@
 
 Most CPU layers are whole-array NumPy passes and BLAS. A few loops do not fit
 that mould: MAX pooling backward sends every output's gradient to one pixel of
-its window, which NumPy can only do with passes over all planes per kernel
-offset (or with ``np.add.at``). Those loops are C, built with the package (setup.py), and run
-here on planes [p0, p1) so that layers can call them in parts on all cores
-(cpu_threads.py): ctypes lets go of the GIL for the call.
+its window (NumPy needs passes over all planes per kernel offset, or
+``np.add.at``); im2col / col2im copy short rows between images and columns
+(conv_columns.py); a solver step is six or more NumPy passes over each parameter.
+Those loops are C, built with the package (setup.py). Each call takes a range of
+planes or items, so layers can run parts on all cores (cpu_threads.py): ctypes
+lets go of the GIL for the call. The C side trusts its arguments; the wrappers
+here check shapes, element types and contiguity first.
 
 The library is optional: where no C compiler was at hand when the package was
 built, ``LIB`` is None and the layers keep their NumPy passes (the same results).
@@ -77,19 +80,20 @@ def geometry(in_spatial, out_spatial, kernel, stride, pad):
                     + tuple(pad), np.int64)
 
 
-def _planes(dx, planes):
-    if not dx.flags.c_contiguous:
-        raise ValueError("the input gradient must be contiguous (planes, H, W)")
-    return ctypes.c_int64(planes[0]), ctypes.c_int64(planes[1])
-
-
 def max_backward(dy, index, dx, planes, geom) -> None:
     """dx (planes, H, W) = dy (planes, Ho, Wo) routed to the pixels that ``index`` (each
     output's kernel offset, row-major in its window) names; planes [p0, p1) only."""
+    height, width, out_h, out_w = (int(v) for v in geom[:4])
+    if not (dx.flags.c_contiguous and dx.shape[1:] == (height, width) and dy.dtype == dx.dtype
+            and dy.shape == index.shape == (dx.shape[0], out_h, out_w)
+            and 0 <= planes[0] <= planes[1] <= dx.shape[0]):
+        raise ValueError(f"max_backward: dx {dx.shape} (contiguous), dy {dy.shape} {dy.dtype} and "
+                         f"index {index.shape} do not fit {height}x{width} -> {out_h}x{out_w} "
+                         f"for planes {tuple(planes)}")
     fn = getattr(LIB, f"max_backward_{_TYPES[dx.dtype]}_{_TYPES[index.dtype]}")
     dy_strides, index_strides = _strides(dy), _strides(index)
     if fn(_ptr(dy), _i64(dy_strides), _ptr(index), _i64(index_strides), _ptr(dx),
-          *_planes(dx, planes), _i64(geom)):
+          ctypes.c_int64(planes[0]), ctypes.c_int64(planes[1]), _i64(geom)):
         raise MemoryError("max_backward: no memory for the kernel offsets' table")
 
 

@@ -69,9 +69,21 @@ def test_only_the_given_planes_are_written():
 
 def test_a_strided_input_gradient_is_refused():
     dx = np.zeros((2, 4, 8), np.float32)[:, :, ::2]
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="do not fit"):
         cpu_kernels.max_backward(np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8), dx,
                                  (0, 2), cpu_kernels.geometry((4, 4), (2, 2), (2, 2), (2, 2), (0, 0)))
+
+
+def test_max_backward_checks_its_arrays():
+    geom = cpu_kernels.geometry((4, 4), (2, 2), (2, 2), (2, 2), (0, 0))
+    dy, index = np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8)
+    dx = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="do not fit"):   # planes past the batch
+        cpu_kernels.max_backward(dy, index, dx, (0, 3), geom)
+    with pytest.raises(ValueError, match="do not fit"):   # an index of another shape
+        cpu_kernels.max_backward(dy, index[:, :1], dx, (0, 2), geom)
+    with pytest.raises(ValueError, match="do not fit"):   # dy of another element type
+        cpu_kernels.max_backward(dy.astype(np.float64), index, dx, (0, 2), geom)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
