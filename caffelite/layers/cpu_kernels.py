@@ -52,7 +52,7 @@ def describe() -> str:
         return f"CPU kernels: compiled ({Path(LIB._name).name})"
     why = ("turned off (CAFFELITE_CPU_KERNELS=0)" if os.environ.get("CAFFELITE_CPU_KERNELS") == "0"
            else "not built (no C compiler when caffelite was installed)")
-    return f"CPU kernels: {why}; MAX pooling backward runs as NumPy passes"
+    return f"CPU kernels: {why}; NumPy passes run instead"
 
 
 def handles(*arrays) -> bool:
@@ -95,7 +95,6 @@ def max_backward(dy, index, dx, planes, geom) -> None:
     if fn(_ptr(dy), _i64(dy_strides), _ptr(index), _i64(index_strides), _ptr(dx),
           ctypes.c_int64(planes[0]), ctypes.c_int64(planes[1]), _i64(geom)):
         raise MemoryError("max_backward: no memory for the kernel offsets' table")
-
 
 
 def conv_shape(channels, in_spatial, out_spatial, g):

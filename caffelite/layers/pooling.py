@@ -185,7 +185,8 @@ class PoolingLayer(Layer):
         # Phased work and the compiled MAX backward (cpu_kernels.py) run in parts of whole planes,
         # one per core (cpu_threads.py); phased work goes through each part in chunks of planes.
         self.parts = split(self.planes, h * w) if self.xp is np else [(0, self.planes)]
-        self.compiled = cpu_kernels.geometry(self.in_spatial, out, self.kernel, self.stride, self.pad)
+        self.kernel_geometry = cpu_kernels.geometry(self.in_spatial, out, self.kernel, self.stride,
+                                                    self.pad)
         if self.phased:
             phases = math.prod(self.stride) * math.prod(self.phase_shape) * self.dtype.itemsize
             self.chunk = max(1, min(CHUNK_BYTES // phases, max(b - a for a, b in self.parts)))
@@ -566,8 +567,8 @@ class PoolingLayer(Layer):
         argmax (MAX) or sampled pixel (STOCHASTIC), in parts of the planes."""
         index = self._index_buffer()
         index = self._crop(index) if self.phased else index
-        run_parts(lambda part: cpu_kernels.max_backward(dy, index, dx, part, self.compiled),
-                  self.parts)
+        geom = self.kernel_geometry
+        run_parts(lambda part: cpu_kernels.max_backward(dy, index, dx, part, geom), self.parts)
 
     def _adder(self, share, grad=None, index=None, hit=None):
         """add(i, window): kernel offset i's gradient into its window of the accumulator. AVE:

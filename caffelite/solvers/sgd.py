@@ -37,9 +37,6 @@ class SGDSolver(Solver):
         xp = self._xp
         diff = self.learnable_params[param_id].diff
         history = self.history_data(param_id)
-        if xp is np and self.fused_step(param_id):
-            self._compiled_step(param_id, rate)
-            return
         if xp is not np:
             fused_kernel(xp, *_SGD)(self._dt(self.param.momentum), self.local_rate(param_id, rate),
                                     self.fused_l2_decay(param_id), self.learnable_params[param_id].data,
@@ -63,9 +60,6 @@ class NesterovSolver(Solver):
         m = self._dt(self.param.momentum)
         diff = self.learnable_params[param_id].diff
         history = self.history_data(param_id)
-        if xp is np and self.fused_step(param_id):
-            self._compiled_step(param_id, rate)
-            return
         if xp is not np:
             fused_kernel(xp, *_NESTEROV)(m, self.local_rate(param_id, rate), self.fused_l2_decay(param_id),
                                          self.learnable_params[param_id].data, history, diff)

@@ -58,7 +58,10 @@ class ParameterUpdate:
         for param_id in range(len(self.learnable_params)):
             self.normalize(param_id)
             self.regularize(param_id)
-            self.compute_update(param_id, rate)
+            if self._xp is np and self.fused_step(param_id):
+                self._compiled_step(param_id, rate)
+            else:
+                self.compute_update(param_id, rate)
         if self.mixed is None:
             self.net.update()
         else:
@@ -129,7 +132,7 @@ class ParameterUpdate:
         return self._dt(self.param.weight_decay) * self._dt(self.net.params_weight_decay[param_id])
 
     def _compiled_step(self, param_id: int, rate: float) -> None:
-        """``compute_update`` in one pass of the compiled kernels (``cpu_kernel``)."""
+        """What ``compute_update`` does, in one pass of the compiled kernels (``cpu_kernel``)."""
         blob = self.learnable_params[param_id]
         cpu_kernels.momentum_update(self.cpu_kernel, self._dt(self.param.momentum),
                                     self.local_rate(param_id, rate), self.fused_l2_decay(param_id),
