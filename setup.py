@@ -8,6 +8,7 @@ Everything else about the package is in pyproject.toml.
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("caffelite.layers._cpu_kernels", ["caffelite/layers/cpu_kernels.c"],
+setup(ext_modules=[Extension("caffelite.layers._cpu_kernels", ["caffelite/layers/cpu_kernels.c", "caffelite/layers/conv_direct.c"],
+                             depends=["caffelite/layers/conv_direct_body.h"],
                              extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off"],
                              optional=True)])

@@ -24,7 +24,9 @@ the weights, one top each. ``engine`` CUDNN runs this same code for now.
 
 On the CPU a Convolution may run another engine instead, picked per layer by a
 measured rule: conv_dft.py (small DFTs as GEMMs: fewer FLOPs for 5x5 kernels with
-many channels, stride 1), conv_columns.py (compiled im2col in cache-sized chunks,
+many channels, stride 1), conv_direct.py (compiled vector kernels straight on the
+padded image, no columns: stride-1 float32 layers with large maps, as a first
+layer), conv_columns.py (compiled im2col in cache-sized chunks,
 GEMMs per item backward: 2-D layers with outputs of 256 pixels or more) or,
 without the compiled kernels, conv_flat.py (stride 1, im2col on the padded
 image's flat rows: cheap NumPy copies for the first layer's few channels).
@@ -35,15 +37,16 @@ import math
 
 from ..fillers import fill
 from ..registry import register_layer
-from . import conv_columns, conv_dft, conv_flat, im2col
+from . import conv_columns, conv_dft, conv_direct, conv_flat, im2col
 from .base import Layer, check_not_in_place
 from .im2col import ARENA, Columns, Geometry
 
-#: None picks per layer (the DFT engine where it saves enough FLOPs, else the
-#: columns engine, or the flat one without compiled kernels, where it pays, else
-#: im2col + GEMM); "gemm", "columns", "flat" or "dft" force one (tests, benchmarks).
-#: "dft" only applies to 2-D Convolution with stride 1 and dilation 1, "columns" to
-#: 2-D Convolution where the compiled kernels are built, "flat" to stride 1.
+#: None picks per layer (the DFT engine where it saves enough FLOPs, else the direct
+#: engine, the columns engine, or the flat one without compiled kernels, where it pays,
+#: else im2col + GEMM); "gemm", "dft", "direct", "columns" or "flat" force one (tests,
+#: benchmarks). "dft" only applies to 2-D Convolution with stride 1 and dilation 1,
+#: "direct" to what conv_direct.available allows, "columns" to 2-D Convolution where
+#: the compiled kernels are built, "flat" to stride 1.
 FORCE_ENGINE: str | None = None
 
 
@@ -161,9 +164,12 @@ class _ConvolutionBase(Layer):
         col_channels = self.num_output if self.deconvolution else self.channels
         self.chunks = self.columns.plan(self.xp, self.num, col_channels * g.kernel_count, col_spatial)
         self._col_ready = False
+        # One engine at most, the first that takes this geometry (None: im2col + GEMM).
         self.dft = self._dft_engine()
-        self.compiled = self._columns_engine() if self.dft is None else None
-        self.flat = self._flat_engine() if self.dft is None and self.compiled is None else None
+        self.direct = self._direct_engine() if self.dft is None else None
+        self.compiled = self._columns_engine() if self.dft is self.direct is None else None
+        self.flat = (self._flat_engine() if self.dft is self.direct is self.compiled is None
+                     else None)
 
     def _dft_engine(self):
         """The DFT engine for this geometry, or None for im2col + GEMM (see conv_dft.py)."""
@@ -171,24 +177,40 @@ class _ConvolutionBase(Layer):
         # float16 overflows the transform's sums, and on a GPU cuDNN / GEMM are the fast paths.
         if self.dtype.itemsize < 4 or self.device.is_gpu:
             return None
-        if (self.deconvolution or FORCE_ENGINE in ("gemm", "columns", "flat") or len(g.kernel) != 2
+        if (self.deconvolution or FORCE_ENGINE not in (None, "dft") or len(g.kernel) != 2
                 or any(s != 1 for s in g.stride) or any(d != 1 for d in g.dilation)
                 or g.kernel == (1, 1)):
             return None
         args = (self.num, self.channels, self.num_output, self.group, self.in_spatial)
         if FORCE_ENGINE != "dft" and not conv_dft.worth_it(*args, g.kernel, self.out_spatial, g.pad):
             return None
-        key = args + (g.pad, self.dtype)
-        engine = getattr(self, "dft", None)
+        return self._kept("dft", args + (g.pad, self.dtype),
+                          lambda: conv_dft.DFTConvolution(self.xp, self.dtype, *args, g.kernel, g.pad))
+
+    def _kept(self, attr: str, key: tuple, make):
+        """The engine in ``attr`` if it was made for ``key``, else a new one from ``make()``."""
+        engine = getattr(self, attr, None)
         if engine is None or engine.key != key:
-            engine = conv_dft.DFTConvolution(self.xp, self.dtype, *args, g.kernel, g.pad)
+            engine = make()
             engine.key = key
         return engine
+
+    def _direct_engine(self):
+        """The direct engine for this geometry, or None (see conv_direct.py)."""
+        g = self.geometry
+        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE not in (None, "direct")
+                or im2col.FORCE_LAYOUT is not None
+                or not conv_direct.available(self.dtype, g, self.group)):
+            return None
+        if FORCE_ENGINE != "direct" and not conv_direct.worth_it(self.channels, self.in_spatial, g):
+            return None
+        key = (self.num, self.channels, self.num_output, self.in_spatial, g)
+        return self._kept("direct", key, lambda: conv_direct.DirectConvolution(*key))
 
     def _columns_engine(self):
         """The columns engine for this geometry, or None (see conv_columns.py)."""
         g = self.geometry
-        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE in ("gemm", "dft", "flat")
+        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE not in (None, "columns")
                 or im2col.FORCE_LAYOUT is not None or not conv_columns.available(self.dtype, g)
                 or (all(k == 1 for k in g.kernel) and all(s == 1 for s in g.stride)
                     and not any(g.pad))):   # (pointwise: the image is its own column matrix)
@@ -197,16 +219,13 @@ class _ConvolutionBase(Layer):
             return None
         key = (self.num, self.channels, self.num_output, self.group, self.in_spatial, self.dtype,
                self.bias_term, g)
-        engine = getattr(self, "compiled", None)
-        if engine is None or engine.key != key:
-            engine = conv_columns.ColumnsConvolution(self.dtype, *key[:5], g, self.bias_term)
-            engine.key = key
-        return engine
+        return self._kept("compiled", key, lambda: conv_columns.ColumnsConvolution(
+            self.dtype, *key[:5], g, self.bias_term))
 
     def _flat_engine(self):
         """The flat engine for this geometry, or None (see conv_flat.py)."""
         g = self.geometry
-        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE in ("gemm", "columns", "dft")
+        if (self.deconvolution or self.device.is_gpu or FORCE_ENGINE not in (None, "flat")
                 or im2col.FORCE_LAYOUT is not None or any(s != 1 for s in g.stride)
                 or (all(k == 1 for k in g.kernel) and not any(g.pad))):
             return None
@@ -215,16 +234,14 @@ class _ConvolutionBase(Layer):
             return None
         key = (self.num, self.channels, self.num_output, self.group, self.in_spatial, self.dtype,
                self.bias_term)
-        engine = getattr(self, "flat", None)
-        if engine is None or engine.key != key:
-            engine = conv_flat.FlatConvolution(self.xp, self.dtype, *key[:5], g, self.bias_term)
-            engine.key = key
-        return engine
+        return self._kept("flat", key, lambda: conv_flat.FlatConvolution(
+            self.xp, self.dtype, *key[:5], g, self.bias_term))
 
     @property
     def cpu_engine(self):
         """The DFT, columns or flat engine this layer runs, or None for the strided im2col + GEMM."""
-        return next((e for e in (self.dft, self.compiled, self.flat) if e is not None), None)
+        return next((e for e in (self.dft, self.direct, self.compiled, self.flat) if e is not None),
+                    None)
 
     @property
     def pointwise(self) -> bool:

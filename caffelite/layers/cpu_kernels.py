@@ -4,8 +4,9 @@ Most CPU layers are whole-array NumPy passes and BLAS. A few loops do not fit
 that mould: MAX pooling backward sends every output's gradient to one pixel of
 its window (NumPy needs passes over all planes per kernel offset, or
 ``np.add.at``); im2col / col2im copy short rows between images and columns
-(conv_columns.py); a solver step is six or more NumPy passes over each parameter.
-Those loops are C, built with the package (setup.py). Each call takes a range of
+(conv_columns.py); a solver step is six or more NumPy passes over each parameter;
+a first layer's convolution is best computed straight from the image with vector
+instructions (conv_direct.c, conv_direct.py). Those loops are C, built with the package (setup.py). Each call takes a range of
 planes or items, so layers can run parts on all cores (cpu_threads.py): ctypes
 lets go of the GIL for the call. The C side trusts its arguments; the wrappers
 here check shapes, element types and contiguity first.
@@ -49,7 +50,9 @@ _TYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
 def describe() -> str:
     """One line for ``caffelite device_query``."""
     if LIB is not None:
-        return f"CPU kernels: compiled ({Path(LIB._name).name})"
+        bits = LIB.direct_isa()
+        vectors = {512: "AVX-512", 256: "AVX2"}.get(bits, "none (no AVX2 here)")
+        return f"CPU kernels: compiled ({Path(LIB._name).name}); direct convolution vectors: {vectors}"
     why = ("turned off (CAFFELITE_CPU_KERNELS=0)" if os.environ.get("CAFFELITE_CPU_KERNELS") == "0"
            else "not built (no C compiler when caffelite was installed)")
     return f"CPU kernels: {why}; NumPy passes run instead"

@@ -111,14 +111,14 @@ def check_float32_close_to_float64(x, params, seed: int) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
-def check_one_parameter_frozen(x, frozen: int, seed: int, rtol: float):
+def check_one_parameter_frozen(x, frozen: int, seed: int, rtol: float, dtype=np.float64):
     """With parameter ``frozen`` (0: weights, 1: bias) not learned, a 3x3 Convolution's other
     gradient equals the one an unfrozen layer computes from the same dy (whichever engine the
     caller's fixture forces); returns (layer, reference, dy) for further checks."""
     params = cp({"num_output": 2, "kernel_size": 3, "pad": 1, **FILLERS})
-    reference, ref_bottom, ref_top, (y,) = run("Convolution", [x], convolution_param=params)
-    layer, bottom, top, _ = run("Convolution", [x], convolution_param=params)
-    dy = np.random.default_rng(seed).standard_normal(y.shape)
+    reference, ref_bottom, ref_top, (y,) = run("Convolution", [x], dtype=dtype, convolution_param=params)
+    layer, bottom, top, _ = run("Convolution", [x], dtype=dtype, convolution_param=params)
+    dy = np.random.default_rng(seed).standard_normal(y.shape).astype(dtype)
     for lay, t in ((reference, ref_top), (layer, top)):
         t[0].set_diff(dy)
         for blob in lay.blobs:

@@ -1,0 +1,109 @@
+"""The Convolution layer's direct engine (conv_direct.py / conv_direct.c: float32 vector
+kernels on the padded image) against direct loops, float64 and numerical gradients, with each
+instruction set this CPU has."""
+import numpy as np
+import pytest
+
+from caffelite.layers import conv_direct, convolution, cpu_kernels, cpu_threads
+from caffelite.layers.im2col import ARENA, Geometry
+from layer_testing import check_gradient, run
+from test_convolution import (FILLERS, check_float32_close_to_float64, check_one_parameter_frozen,
+                              cp, layer_expected)
+
+CASES = [
+    ((2, 3, 12, 12), {"num_output": 5, "kernel_size": 5, "pad": 2}),     # a short channel block
+    ((3, 1, 14, 14), {"num_output": 7, "kernel_size": 5}),               # LeNet's conv1, smaller
+    ((2, 2, 9, 7), {"num_output": 4, "kernel_size": 3, "pad": 1, "bias_term": False}),
+    ((2, 3, 8, 11), {"num_output": 6, "kernel_h": 3, "kernel_w": 2, "pad_h": 1, "pad_w": 0}),
+    ((1, 2, 20, 5), {"num_output": 3, "kernel_h": 1, "kernel_w": 5, "pad_h": 0, "pad_w": 4}),   # pad = k - 1
+]
+
+
+def _isa_params():
+    widest = conv_direct.isa()
+    return [bits for bits in (512, 256) if bits <= widest] or [0]
+
+
+@pytest.fixture(params=_isa_params())
+def direct(request, monkeypatch):
+    """The direct engine forced, with each vector width this CPU runs, in two parts of items."""
+    if request.param == 0:
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 (or the kernels are not built): "
+                    "the direct engine is never chosen here")
+    assert cpu_kernels.LIB.direct_use_isa(request.param) == request.param
+    monkeypatch.setattr(convolution, "FORCE_ENGINE", "direct")
+    monkeypatch.setattr(cpu_threads, "MIN_PART_ELEMENTS", 1)
+    yield request.param
+    cpu_kernels.LIB.direct_use_isa(1 << 10)   # (back to the widest)
+
+
+@pytest.mark.parametrize("shape,params", CASES)
+def test_matches_float64_loops(shape, params, direct):
+    x = np.random.default_rng(0).standard_normal(shape)
+    layer, _, _, (y,) = run("Convolution", [x.astype(np.float32)], dtype=np.float32,
+                            convolution_param=cp({**params, **FILLERS}))
+    assert layer.cpu_engine is layer.direct is not None
+    np.testing.assert_allclose(y, layer_expected(layer, x, params), rtol=1e-5, atol=1e-5)
+    check_float32_close_to_float64(x, cp({**params, **FILLERS}), seed=1)
+
+
+@pytest.mark.parametrize("shape,params", CASES[:3])
+def test_numerical_gradient(shape, params, direct):
+    """Central differences in float32: the layer is linear in x, W and b, so a large step
+    is exact but for rounding."""
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    layer, bottom, top, _ = run("Convolution", [x], dtype=np.float32,
+                                convolution_param=cp({**params, **FILLERS}))
+    assert layer.direct is not None and len(layer.direct.parts) == min(2, shape[0])
+    assert check_gradient(layer, bottom, top, step=0.25, rtol=1e-3, atol=1e-3, max_checks=40) > 0
+
+
+def test_two_bottoms(direct):
+    params = {"num_output": 3, "kernel_size": 3, "pad": 1}
+    rs = np.random.default_rng(3)
+    a, b = (rs.standard_normal((2, 2, 8, 8)).astype(np.float32) for _ in range(2))
+    layer, bottom, top, (ya, yb) = run("Convolution", [a, b], num_top=2, dtype=np.float32,
+                                       convolution_param=cp({**params, **FILLERS}))
+    np.testing.assert_allclose(ya, layer_expected(layer, a, params), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(yb, layer_expected(layer, b, params), rtol=1e-5, atol=1e-5)
+    assert check_gradient(layer, bottom, top, step=0.25, rtol=1e-3, atol=1e-3, max_checks=30) > 0
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_weight_or_bias_gradient_alone(frozen, direct):
+    x = np.random.default_rng(4).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    layer, _, _ = check_one_parameter_frozen(x, frozen, seed=5, rtol=1e-5, dtype=np.float32)
+    assert layer.direct is not None
+    assert not layer.blobs[frozen].cpu_diff().any()
+
+
+def test_wrong_arrays_are_refused(direct):
+    engine = conv_direct.DirectConvolution(2, 3, 4, (8, 8), Geometry((3, 3), (1, 1), (1, 1), (1, 1)))
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    good_x, good_y = np.zeros((2, 3, 8, 8), np.float32), np.zeros((2, 4, 8, 8), np.float32)
+    for x, y in ((good_x.astype(np.float64), good_y), (good_x[:1], good_y[:1]),
+                 (good_x, good_y[:, :, :, :7]), (good_x[:, :, :, ::-1], good_y)):
+        with pytest.raises(ValueError, match="direct convolution"), ARENA.scope():
+            engine.forward(x, w, None, y)
+
+
+def test_engine_choice():
+    """Stride-1 float32 2-D layers whose maps waste little of the kernels' wide rows: CIFAR-10's
+    and LeNet's conv1; not LeNet's conv2 (8x8 outputs), strides, dilations, groups, 1x1
+    kernels, float64, or a pad as large as the kernel."""
+    def geometry(k, s=1, p=0, d=1):
+        return Geometry((k, k), (s, s), (p, p), (d, d))
+    assert conv_direct.worth_it(3, (32, 32), geometry(5, p=2))      # CIFAR-10 conv1
+    assert conv_direct.worth_it(1, (28, 28), geometry(5))           # LeNet conv1
+    assert not conv_direct.worth_it(20, (12, 12), geometry(5))      # LeNet conv2
+    if conv_direct.isa():
+        assert conv_direct.available(np.float32, geometry(5, p=2), 1)
+    for dtype, g, group in ((np.float64, geometry(5), 1), (np.float32, geometry(5, s=2), 1),
+                            (np.float32, geometry(3, d=2), 1), (np.float32, geometry(5), 2),
+                            (np.float32, geometry(1), 1), (np.float32, geometry(3, p=3), 1)):
+        assert not conv_direct.available(dtype, g, group)
+    x = np.zeros((4, 3, 32, 32), np.float32)
+    layer, *_ = run("Convolution", [x], dtype=np.float32,
+                    convolution_param=cp({"num_output": 32, "kernel_size": 5, "pad": 2, **FILLERS}))
+    assert (layer.direct is not None) == (conv_direct.isa() > 0)
+    assert layer.cpu_engine is (layer.direct or layer.compiled)
