@@ -1,5 +1,5 @@
 /* Direct 2-D convolution for the CPU (conv_direct.py): stride 1, no dilation, no groups,
- * float32, with AVX-512 or AVX2 + FMA vectors, picked when the library is loaded.
+ * float32, with AVX-512 or AVX2 + FMA vectors (cpu_vectors.c says which).
  *
  * No columns: each item's input planes are copied into zero-padded planes P, rows Wp = W + 2pw
  * wide, and the output is computed on the same wide grid, row r of it at r * Wp. Output pixel
@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_vectors.h"
+
 enum { C_, H_, W_, M_, HO_, WO_, PH_, PW_, K_, WP_, PSIZE_, LR_ };
 
 /* Item x's channels into the padded planes' insides (their borders stay zero). */
@@ -32,9 +34,7 @@ static void pad_planes(const float *x, const int64_t *s, float *padded) {
                    (size_t)s[W_] * sizeof(float));
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define HAVE_DIRECT 1
+#ifdef HAVE_X86_VECTORS
 
 /* ---- AVX-512: 32 vector registers ---- */
 #define TARGET __attribute__((target("avx512f")))
@@ -90,40 +90,16 @@ static inline TARGET float sum_avx2(__m256 v) {
 #include "conv_direct_body.h"
 #endif
 
-/* The vector width in bits the kernels use (512, 256), 0 where they cannot run. */
-static int isa = -1;
-
-static int supported(void) {
-#ifdef HAVE_DIRECT
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 256;
-#endif
-    return 0;
-}
-
-/* Use vectors of at most `bits` (tests run both sets); returns the width now in use. */
-int direct_use_isa(int bits) {
-    const int best = supported();
-    isa = bits >= best ? best : bits >= 256 && best >= 256 ? 256 : 0;
-    return isa;
-}
-
-int direct_isa(void) {
-    if (isa < 0) isa = supported();
-    return isa;
-}
-
-#ifdef HAVE_DIRECT
+#ifdef HAVE_X86_VECTORS
 void direct_forward_f32(const float *x, const float *w, const float *bias, const int64_t *taps,
                         const int64_t *s, float *y, float *scratch, int64_t n0, int64_t n1) {
-    if (direct_isa() == 512) forward_avx512(x, w, bias, taps, s, y, scratch, n0, n1);
-    else if (direct_isa() == 256) forward_avx2(x, w, bias, taps, s, y, scratch, n0, n1);
+    if (vector_bits() == 512) forward_avx512(x, w, bias, taps, s, y, scratch, n0, n1);
+    else if (vector_bits() == 256) forward_avx2(x, w, bias, taps, s, y, scratch, n0, n1);
 }
 
 void direct_weight_grad_f32(const float *x, const float *dy, const int64_t *taps, const int64_t *s,
                             float *dw, float *db, float *scratch, int64_t n0, int64_t n1) {
-    if (direct_isa() == 512) weight_grad_avx512(x, dy, taps, s, dw, db, scratch, n0, n1);
-    else if (direct_isa() == 256) weight_grad_avx2(x, dy, taps, s, dw, db, scratch, n0, n1);
+    if (vector_bits() == 512) weight_grad_avx512(x, dy, taps, s, dw, db, scratch, n0, n1);
+    else if (vector_bits() == 256) weight_grad_avx2(x, dy, taps, s, dw, db, scratch, n0, n1);
 }
 #endif

@@ -37,11 +37,6 @@ FORWARD_ROWS = 4
 MIN_USEFUL = 0.75
 
 
-def isa() -> int:
-    """The vector width in bits the direct kernels use on this CPU, 0 where they cannot run."""
-    return int(cpu_kernels.LIB.direct_isa()) if cpu_kernels.LIB is not None else 0
-
-
 def available(dtype, geometry: Geometry, group: int) -> bool:
     """Whether the direct kernels can run this convolution: 2-D float32, stride 1, no
     dilation, no groups, pad below the kernel (for dx), not 1x1 (the pointwise path needs
@@ -49,7 +44,7 @@ def available(dtype, geometry: Geometry, group: int) -> bool:
     g = geometry
     return (len(g.kernel) == 2 and g.kernel != (1, 1) and np.dtype(dtype) == np.float32 and group == 1
             and all(s == 1 for s in g.stride) and all(d == 1 for d in g.dilation)
-            and all(p < k for p, k in zip(g.pad, g.kernel)) and isa() > 0)
+            and all(p < k for p, k in zip(g.pad, g.kernel)) and cpu_kernels.vector_bits() > 0)
 
 
 class _Plan:

@@ -5,8 +5,9 @@ that mould: MAX pooling backward sends every output's gradient to one pixel of
 its window (NumPy needs passes over all planes per kernel offset, or
 ``np.add.at``); im2col / col2im copy short rows between images and columns
 (conv_columns.py); a solver step is six or more NumPy passes over each parameter;
-a first layer's convolution is best computed straight from the image with vector
-instructions (conv_direct.c, conv_direct.py). Those loops are C, built with the package (setup.py). Each call takes a range of
+a first layer's convolution and MAX pooling's forward are best computed with
+vector instructions (conv_direct.c, pool_max.c; cpu_vectors.c picks the widest
+this CPU has). Those loops are C, built with the package (setup.py). Each call takes a range of
 planes or items, so layers can run parts on all cores (cpu_threads.py): ctypes
 lets go of the GIL for the call. The C side trusts its arguments; the wrappers
 here check shapes, element types and contiguity first.
@@ -50,12 +51,17 @@ _TYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
 def describe() -> str:
     """One line for ``caffelite device_query``."""
     if LIB is not None:
-        bits = LIB.direct_isa()
-        vectors = {512: "AVX-512", 256: "AVX2"}.get(bits, "none (no AVX2 here)")
-        return f"CPU kernels: compiled ({Path(LIB._name).name}); direct convolution vectors: {vectors}"
+        vectors = {512: "AVX-512", 256: "AVX2 + FMA"}.get(vector_bits(), "none (no AVX2 here)")
+        return f"CPU kernels: compiled ({Path(LIB._name).name}), vectors: {vectors}"
     why = ("turned off (CAFFELITE_CPU_KERNELS=0)" if os.environ.get("CAFFELITE_CPU_KERNELS") == "0"
            else "not built (no C compiler when caffelite was installed)")
     return f"CPU kernels: {why}; NumPy passes run instead"
+
+
+def vector_bits() -> int:
+    """The vector width in bits the kernels use on this CPU (cpu_vectors.c): 512 (AVX-512),
+    256 (AVX2 + FMA), or 0 (none, or no library)."""
+    return int(LIB.vector_bits()) if LIB is not None else 0
 
 
 def handles(*arrays) -> bool:
@@ -98,6 +104,24 @@ def max_backward(dy, index, dx, planes, geom) -> None:
     if fn(_ptr(dy), _i64(dy_strides), _ptr(index), _i64(index_strides), _ptr(dx),
           ctypes.c_int64(planes[0]), ctypes.c_int64(planes[1]), _i64(geom)):
         raise MemoryError("max_backward: no memory for the kernel offsets' table")
+
+
+def max_forward(x, y, index, planes, geom) -> None:
+    """MAX pooling of planes [p0, p1) of x (planes, H, W) into y (planes, Ho, Wo), with each
+    output's argmax kernel offset into ``index`` (a (planes, Ho, Wo) view with contiguous rows,
+    uint8 or int32); AVX-512 only (vector_bits() == 512)."""
+    height, width, out_h, out_w = (int(v) for v in geom[:4])
+    if not (vector_bits() == 512 and x.dtype == y.dtype == np.float32
+            and x.flags.c_contiguous and y.flags.c_contiguous
+            and x.shape == (len(x), height, width) and y.shape == index.shape == (len(x), out_h, out_w)
+            and index.dtype in (np.uint8, np.int32) and index.strides[2] == index.itemsize
+            and 0 <= planes[0] <= planes[1] <= len(x)):
+        raise ValueError(f"max_forward: x {x.shape} {x.dtype}, y {y.shape} {y.dtype} and index "
+                         f"{index.shape} {index.dtype} do not fit {height}x{width} -> "
+                         f"{out_h}x{out_w} for planes {tuple(planes)} (or no AVX-512)")
+    fn = getattr(LIB, f"max_forward_f32_{_TYPES[index.dtype]}")
+    fn(_ptr(x), _ptr(y), _ptr(index), _i64(_strides(index)), ctypes.c_int64(planes[0]),
+       ctypes.c_int64(planes[1]), _i64(geom))
 
 
 def conv_shape(channels, in_spatial, out_spatial, g):

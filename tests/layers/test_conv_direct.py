@@ -20,7 +20,7 @@ CASES = [
 
 
 def _isa_params():
-    widest = conv_direct.isa()
+    widest = cpu_kernels.vector_bits()
     return [bits for bits in (512, 256) if bits <= widest] or [0]
 
 
@@ -30,11 +30,11 @@ def direct(request, monkeypatch):
     if request.param == 0:
         pytest.skip("this CPU has neither AVX2 nor AVX-512 (or the kernels are not built): "
                     "the direct engine is never chosen here")
-    assert cpu_kernels.LIB.direct_use_isa(request.param) == request.param
+    assert cpu_kernels.LIB.use_vector_bits(request.param) == request.param
     monkeypatch.setattr(convolution, "FORCE_ENGINE", "direct")
     monkeypatch.setattr(cpu_threads, "MIN_PART_ELEMENTS", 1)
     yield request.param
-    cpu_kernels.LIB.direct_use_isa(1 << 10)   # (back to the widest)
+    cpu_kernels.LIB.use_vector_bits(1 << 10)   # (back to the widest)
 
 
 @pytest.mark.parametrize("shape,params", CASES)
@@ -96,7 +96,7 @@ def test_engine_choice():
     assert conv_direct.worth_it(3, (32, 32), geometry(5, p=2))      # CIFAR-10 conv1
     assert conv_direct.worth_it(1, (28, 28), geometry(5))           # LeNet conv1
     assert not conv_direct.worth_it(20, (12, 12), geometry(5))      # LeNet conv2
-    if conv_direct.isa():
+    if cpu_kernels.vector_bits():
         assert conv_direct.available(np.float32, geometry(5, p=2), 1)
     for dtype, g, group in ((np.float64, geometry(5), 1), (np.float32, geometry(5, s=2), 1),
                             (np.float32, geometry(3, d=2), 1), (np.float32, geometry(5), 2),
@@ -105,5 +105,5 @@ def test_engine_choice():
     x = np.zeros((4, 3, 32, 32), np.float32)
     layer, *_ = run("Convolution", [x], dtype=np.float32,
                     convolution_param=cp({"num_output": 32, "kernel_size": 5, "pad": 2, **FILLERS}))
-    assert (layer.direct is not None) == (conv_direct.isa() > 0)
+    assert (layer.direct is not None) == (cpu_kernels.vector_bits() > 0)
     assert layer.cpu_engine is (layer.direct or layer.compiled)
