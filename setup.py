@@ -9,7 +9,7 @@ Everything else about the package is in pyproject.toml.
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("caffelite.layers._cpu_kernels", [f"caffelite/layers/{name}.c" for name in
-                              ("cpu_kernels", "cpu_vectors", "conv_direct", "pool_max")],
+                              ("cpu_kernels", "cpu_vectors", "conv_direct", "pool_avx512")],
                              depends=["caffelite/layers/conv_direct_body.h",
                                       "caffelite/layers/cpu_vectors.h"],
                              extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off"],

@@ -5,8 +5,8 @@ that mould: MAX pooling backward sends every output's gradient to one pixel of
 its window (NumPy needs passes over all planes per kernel offset, or
 ``np.add.at``); im2col / col2im copy short rows between images and columns
 (conv_columns.py); a solver step is six or more NumPy passes over each parameter;
-a first layer's convolution and MAX pooling's forward are best computed with
-vector instructions (conv_direct.c, pool_max.c; cpu_vectors.c picks the widest
+a first layer's convolution and MAX and AVE pooling are best computed with
+vector instructions (conv_direct.c, pool_avx512.c; cpu_vectors.c picks the widest
 this CPU has). Those loops are C, built with the package (setup.py). Each call takes a range of
 planes or items, so layers can run parts on all cores (cpu_threads.py): ctypes
 lets go of the GIL for the call. The C side trusts its arguments; the wrappers
@@ -106,22 +106,50 @@ def max_backward(dy, index, dx, planes, geom) -> None:
         raise MemoryError("max_backward: no memory for the kernel offsets' table")
 
 
+def _check_pool(name, x, y, planes, geom, extra=True) -> None:
+    """What C would not check for the AVX-512 pooling kernels: x (planes, H, W) and y (planes,
+    Ho, Wo) contiguous float32 (x: the image side, y: the output side), the planes in range."""
+    height, width, out_h, out_w = (int(v) for v in geom[:4])
+    if not (vector_bits() == 512 and x.dtype == y.dtype == np.float32 and extra
+            and x.flags.c_contiguous and y.flags.c_contiguous and len(x) == len(y)
+            and x.shape[1:] == (height, width) and y.shape[1:] == (out_h, out_w)
+            and 0 <= planes[0] <= planes[1] <= len(x)):
+        raise ValueError(f"{name}: {x.shape} {x.dtype} and {y.shape} {y.dtype} do not fit "
+                         f"{height}x{width} -> {out_h}x{out_w} for planes {tuple(planes)} "
+                         f"(or no AVX-512)")
+
+
+def _pool_args(planes, geom):
+    return ctypes.c_int64(planes[0]), ctypes.c_int64(planes[1]), _i64(geom)
+
+
 def max_forward(x, y, index, planes, geom) -> None:
     """MAX pooling of planes [p0, p1) of x (planes, H, W) into y (planes, Ho, Wo), with each
     output's argmax kernel offset into ``index`` (a (planes, Ho, Wo) view with contiguous rows,
     uint8 or int32); AVX-512 only (vector_bits() == 512)."""
-    height, width, out_h, out_w = (int(v) for v in geom[:4])
-    if not (vector_bits() == 512 and x.dtype == y.dtype == np.float32
-            and x.flags.c_contiguous and y.flags.c_contiguous
-            and x.shape == (len(x), height, width) and y.shape == index.shape == (len(x), out_h, out_w)
-            and index.dtype in (np.uint8, np.int32) and index.strides[2] == index.itemsize
-            and 0 <= planes[0] <= planes[1] <= len(x)):
-        raise ValueError(f"max_forward: x {x.shape} {x.dtype}, y {y.shape} {y.dtype} and index "
-                         f"{index.shape} {index.dtype} do not fit {height}x{width} -> "
-                         f"{out_h}x{out_w} for planes {tuple(planes)} (or no AVX-512)")
+    _check_pool("max_forward", x, y, planes, geom, index.shape == y.shape
+                and index.dtype in (np.uint8, np.int32) and index.strides[2] == index.itemsize)
     fn = getattr(LIB, f"max_forward_f32_{_TYPES[index.dtype]}")
-    fn(_ptr(x), _ptr(y), _ptr(index), _i64(_strides(index)), ctypes.c_int64(planes[0]),
-       ctypes.c_int64(planes[1]), _i64(geom))
+    fn(_ptr(x), _ptr(y), _ptr(index), _i64(_strides(index)), *_pool_args(planes, geom))
+
+
+def ave_forward(x, y, divisor, planes, geom) -> None:
+    """AVE pooling of planes [p0, p1) of x into y, ``divisor`` (Ho, Wo) the pool sizes."""
+    _check_pool("ave_forward", x, y, planes, geom, _fits(divisor, y))
+    LIB.ave_forward_f32(_ptr(x), _ptr(y), _ptr(divisor), *_pool_args(planes, geom))
+
+
+def ave_backward(dy, dx, divisor, planes, geom) -> None:
+    """dx (planes, H, W) = AVE pooling's gradient from dy (planes, Ho, Wo), planes [p0, p1);
+    horizontal strides 1 and 2 and kernels up to 16 wide only."""
+    _check_pool("ave_backward", dx, dy, planes, geom,
+                _fits(divisor, dy) and geom[7] in (1, 2) and geom[5] <= 16)
+    LIB.ave_backward_f32(_ptr(dy), _ptr(dx), _ptr(divisor), *_pool_args(planes, geom))
+
+
+def _fits(divisor, y) -> bool:
+    return (divisor.shape == y.shape[1:] and divisor.dtype == np.float32
+            and divisor.flags.c_contiguous)
 
 
 def conv_shape(channels, in_spatial, out_spatial, g):

@@ -37,9 +37,9 @@ padding is written around the copied pixels, not by a pass over the whole buffer
 Where the compiled CPU kernels are built (cpu_kernels.py), MAX and STOCHASTIC
 backward is instead Caffe's own loop in C, one plane at a time, in parts of the
 planes, reading the same kernel offsets; the NumPy backward above serves AVE and
-builds without a compiler. On a CPU with AVX-512 the MAX forward (float32) is C
-too (pool_max.c: 16 outputs of a row at once, straight from the bottom's planes),
-and the passes above are not used for it.
+builds without a compiler. On a CPU with AVX-512, float32 MAX forward and AVE
+forward and backward are C too (pool_avx512.c: 16 outputs of a row at once,
+straight from the bottom's planes), and the passes above are not used for them.
 
 On a GPU, MAX and AVE (global pooling included) run instead as Caffe's CUDA kernels do
 (caffelite/kernels/pooling.py): one thread per output forward, one per input element
@@ -163,13 +163,16 @@ class PoolingLayer(Layer):
         self.direct = self.padded == (h, w)
         # Whole-plane MAX/AVE are plain reductions; STOCHASTIC keeps the window loop.
         self.global_fast = self.global_pooling and self.method != STOCHASTIC
-        # MAX forward in C with AVX-512 (cpu_kernels.max_forward) reads the bottom's planes as
-        # they are: no phases, no batch-last buffers.
-        self.compiled_max = (self.method == MAX and not self.global_fast and self.xp is np
-                             and self.dtype == np.float32 and cpu_kernels.vector_bits() == 512)
-        self.pixels = Pixels(not self.global_fast and not self.compiled_max and prefers_batch_last(
+        # MAX and AVE in C with AVX-512 (pool_avx512.c) read the bottom's planes as they are: no
+        # phases, no batch-last buffers. (AVE backward there takes horizontal strides 1 and 2 and
+        # kernels up to 16 wide.)
+        self.vectors = (not self.global_fast and self.xp is np and self.dtype == np.float32
+                        and cpu_kernels.vector_bits() == 512
+                        and (self.method == MAX
+                             or self.method == AVE and self.stride[1] <= 2 and self.kernel[1] <= 16))
+        self.pixels = Pixels(not self.global_fast and not self.vectors and prefers_batch_last(
             self.xp, self.planes, out, self.geometry, max_width=BATCH_LAST_MAX_WIDTH))
-        self.phased = (not self.global_fast and not self.pixels.batch_last and not self.compiled_max
+        self.phased = (not self.global_fast and not self.pixels.batch_last and not self.vectors
                        and self.method != STOCHASTIC and self.stride != (1, 1))
         if self.phased:
             # Phase (a, b) holds padded rows a, a+s, ... and columns b, b+s, ...
@@ -375,7 +378,7 @@ class PoolingLayer(Layer):
     def _max(self, x, want_index: bool, y=None) -> None:
         """MAX pooling of x into the top y (None: only the argmax); with ``want_index`` the
         argmax offsets too."""
-        if self.compiled_max:   # (the kernel writes the argmax whether wanted or not)
+        if self.vectors:   # (the kernel writes the argmax whether wanted or not)
             out, index = y if y is not None else self._scratch("recompute", x.dtype), self._index_buffer()
             geom = self.kernel_geometry
             run_parts(lambda part: cpu_kernels.max_forward(x, out, index, part, geom), self.parts)
@@ -446,6 +449,10 @@ class PoolingLayer(Layer):
     def _ave(self, x, y) -> None:
         """AVE pooling of x into the top y."""
         divisor = self._divisor_array(y.dtype)
+        if self.vectors:
+            geom = self.kernel_geometry
+            run_parts(lambda part: cpu_kernels.ave_forward(x, y, divisor, part, geom), self.parts)
+            return
         if not self.phased:
             out = self._output(y)
             self._ave_part(self._windows(self._padded_input(x, 0)), out)
@@ -559,6 +566,10 @@ class PoolingLayer(Layer):
             self._max(self._planes(bottom[0].data), True)
         if self.method != AVE and cpu_kernels.handles(dx, dy):
             self._backward_compiled(dy, dx)
+            return
+        if self.vectors:   # (AVE)
+            divisor, geom = self._divisor_array(dy.dtype), self.kernel_geometry
+            run_parts(lambda part: cpu_kernels.ave_backward(dy, dx, divisor, part, geom), self.parts)
             return
         divisor = self._divisor_array(dy.dtype) if self.method == AVE else None
         if self.phased:

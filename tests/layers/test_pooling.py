@@ -356,4 +356,3 @@ def test_max_backward_of_windows_without_a_maximum(cpu_path):
         np.testing.assert_array_equal(plane, expected)
     expected[1, 1], expected[2, 2] = 0, 1
     np.testing.assert_array_equal(dx[0, 0], expected)
-
