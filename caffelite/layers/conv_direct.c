@@ -25,6 +25,7 @@
 
 enum { C_, H_, W_, M_, HO_, WO_, PH_, PW_, K_, WP_, PSIZE_, LR_ };
 
+#ifdef HAVE_X86_VECTORS
 /* Item x's channels into the padded planes' insides (their borders stay zero). */
 static void pad_planes(const float *x, const int64_t *s, float *padded) {
     const int64_t plane = (s[H_] + 2 * s[PH_]) * s[WP_];
@@ -33,8 +34,6 @@ static void pad_planes(const float *x, const int64_t *s, float *padded) {
             memcpy(padded + c * plane + (r + s[PH_]) * s[WP_] + s[PW_], x + (c * s[H_] + r) * s[W_],
                    (size_t)s[W_] * sizeof(float));
 }
-
-#ifdef HAVE_X86_VECTORS
 
 /* ---- AVX-512: 32 vector registers ---- */
 #define TARGET __attribute__((target("avx512f")))

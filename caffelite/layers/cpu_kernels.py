@@ -1,16 +1,16 @@
-"""Compiled CPU kernels (cpu_kernels.c), called through ctypes.
+"""Compiled CPU kernels (the C files beside this one, one library), called through ctypes.
 
 Most CPU layers are whole-array NumPy passes and BLAS. A few loops do not fit
 that mould: MAX pooling backward sends every output's gradient to one pixel of
 its window (NumPy needs passes over all planes per kernel offset, or
 ``np.add.at``); im2col / col2im copy short rows between images and columns
-(conv_columns.py); a solver step is six or more NumPy passes over each parameter;
-a first layer's convolution and MAX and AVE pooling are best computed with
-vector instructions (conv_direct.c, pool_avx512.c; cpu_vectors.c picks the widest
-this CPU has). Those loops are C, built with the package (setup.py). Each call takes a range of
-planes or items, so layers can run parts on all cores (cpu_threads.py): ctypes
-lets go of the GIL for the call. The C side trusts its arguments; the wrappers
-here check shapes, element types and contiguity first.
+(conv_columns.py); a solver step is six or more NumPy passes over each parameter
+(cpu_kernels.c). A stride-1 convolution straight on the padded image
+(conv_direct.c: AVX-512 or AVX2) and MAX and AVE pooling (pool_avx512.c) are
+vector kernels, used where the CPU has those instructions (cpu_vectors.c). Each
+call takes a range of planes or items, so layers can run parts on all cores
+(cpu_threads.py): ctypes lets go of the GIL for the call. The C side trusts its
+arguments; the wrappers here check shapes, element types and contiguity first.
 
 The library is optional: where no C compiler was at hand when the package was
 built, ``LIB`` is None and the layers keep their NumPy passes (the same results).
