@@ -106,4 +106,4 @@ def test_engine_choice():
     layer, *_ = run("Convolution", [x], dtype=np.float32,
                     convolution_param=cp({"num_output": 32, "kernel_size": 5, "pad": 2, **FILLERS}))
     assert (layer.direct is not None) == (cpu_kernels.vector_bits() > 0)
-    assert layer.cpu_engine is (layer.direct or layer.compiled)
+    assert layer.cpu_engine is (layer.direct or layer.compiled or layer.flat)
