@@ -1,8 +1,8 @@
 """Direct 2-D convolution on the CPU's vector units (the Convolution layer's "direct" engine).
 
-For stride-1 float32 convolutions whose input rows are few (few input channels, as a net's
-first layer), im2col + GEMM spends its time writing and packing columns that BLAS then uses
-only M times, and BLAS runs the weight gradient's long, thin product (M x C*K, summed over
+For stride-1 float32 convolutions im2col + GEMM spends much of its time writing and
+packing columns that BLAS then uses only M times (worst with few input channels, as a net's
+first layer), and BLAS runs the weight gradient's long, thin product (M x C*K, summed over
 every pixel) on one core. conv_direct.c reads the zero-padded image instead: forward and the
 weight gradient are register-blocked sums over the taps, with no columns at all, on every
 core (items split among threads). The input gradient is the same forward kernel run over dy
@@ -32,8 +32,10 @@ BLOCK = 64
 FORWARD_ROWS = 4
 #: Taken where at least this share of the pixels the kernels compute are output pixels.
 #: Measured on 2 cores (forward / weight gradient ms, columns engine -> direct): CIFAR-10
-#: conv1 7.4 / 10.9 -> 4.2 / 4.0, LeNet conv1 0.83 / 0.66 -> 0.45 / 0.51; LeNet conv2
-#: (share 0.5) loses, forward 4.15 ms.
+#: conv1 7.4 / 10.9 -> 4.2 / 4.0, LeNet conv1 0.83 / 0.66 -> 0.45 / 0.51; forward / backward
+#: with dx, 3x3 pad 1: 64 -> 64 channels on 56x56, batch 8, 19.0 / 38.0 -> 10.4 / 21.6, and
+#: 32 -> 32 on 32x32, batch 16, 3.3 / 8.0 -> 3.1 / 6.7. LeNet conv2 (share 0.5) loses to the
+#: GEMM engine: forward 4.15 ms against about 2.
 MIN_USEFUL = 0.75
 
 
@@ -63,7 +65,7 @@ class _Plan:
                                padded, self.wide), np.int64)
         c, ky, kx = np.meshgrid(np.arange(channels), np.arange(kh), np.arange(kw), indexing="ij")
         self.taps = (c * plane + ky * wp + kx).ravel().astype(np.int64)
-        self.padded, self.outputs = padded, outputs
+        self.padded = padded
 
     def scratch(self, rows: int) -> int:
         """Elements of one part's scratch: the padded planes and ``rows`` wide rows."""
@@ -79,14 +81,17 @@ def _p(array):
     return ctypes.c_void_p(array.ctypes.data) if array is not None else None
 
 
-def _check(plan, n, x, y) -> None:
+def _check(plan, n, x, y, weight=None, bias=None) -> None:
     """What C would not check: x (n, C, H, W) and y (n, M, Ho, Wo) as the plan has them,
-    contiguous float32."""
+    contiguous float32, and the weights (M * taps) and bias (M) as large as it reads."""
     c, h, w, m, ho, wo = (int(v) for v in plan.shape[:6])
     if not (x.shape == (n, c, h, w) and y.shape == (n, m, ho, wo)
-            and all(a.flags.c_contiguous and a.dtype == np.float32 for a in (x, y))):
+            and all(a.flags.c_contiguous and a.dtype == np.float32 for a in (x, y))
+            and (weight is None or weight.size == m * plan.taps.size)
+            and (bias is None or bias.size == m)):
         raise ValueError(f"direct convolution: {x.shape} {x.dtype} -> {y.shape} {y.dtype} are not "
-                         f"contiguous float32 arrays ({n}, {c}, {h}, {w}) -> ({n}, {m}, {ho}, {wo})")
+                         f"contiguous float32 arrays ({n}, {c}, {h}, {w}) -> ({n}, {m}, {ho}, {wo}), "
+                         f"or the weights or bias do not fit")
 
 
 class DirectConvolution:
@@ -95,7 +100,6 @@ class DirectConvolution:
     def __init__(self, n: int, c: int, m: int, in_spatial: tuple, geometry: Geometry):
         g = geometry
         self.n, self.c, self.m = n, c, m
-        self.kernel = g.kernel
         self.forward_plan = _Plan(c, in_spatial, m, g.kernel, g.pad)
         out = g.conv_out(in_spatial)
         flipped = tuple(k - 1 - p for k, p in zip(g.kernel, g.pad))
@@ -109,8 +113,8 @@ class DirectConvolution:
         self._forward(self.forward_plan, x, np.ascontiguousarray(weight, np.float32), bias, y)
 
     def _forward(self, plan, x, weight, bias, y) -> None:
-        _check(plan, self.n, x, y)
         bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+        _check(plan, self.n, x, y, weight, bias)
         fn = cpu_kernels.LIB.direct_forward_f32
         parts = self.parts
         with ARENA.scope():
@@ -123,7 +127,7 @@ class DirectConvolution:
 
     def backward(self, x, weight, dy, dx, weight_blob, bias_blob) -> None:
         """dx (or None) = conv^T(dy); the weight and bias blobs' diffs += their gradients
-        (each unless None)."""
+        (each unless None; the kernel computes both whenever either is wanted)."""
         if dx is not None:
             # W[o, c, ky, kx] -> Wt[c, o, KH-1-ky, KW-1-kx]: dx is a forward over dy.
             flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1), np.float32)

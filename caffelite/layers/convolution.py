@@ -239,7 +239,8 @@ class _ConvolutionBase(Layer):
 
     @property
     def cpu_engine(self):
-        """The DFT, columns or flat engine this layer runs, or None for the strided im2col + GEMM."""
+        """The DFT, direct, columns or flat engine this layer runs, or None for the strided im2col
+        + GEMM."""
         return next((e for e in (self.dft, self.direct, self.compiled, self.flat) if e is not None),
                     None)
 

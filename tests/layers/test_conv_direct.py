@@ -85,6 +85,9 @@ def test_wrong_arrays_are_refused(direct):
                  (good_x, good_y[:, :, :, :7]), (good_x[:, :, :, ::-1], good_y)):
         with pytest.raises(ValueError, match="direct convolution"), ARENA.scope():
             engine.forward(x, w, None, y)
+    for weight, bias in ((w[:3], None), (w, np.zeros(3, np.float32))):   # too few for C to read
+        with pytest.raises(ValueError, match="weights or bias"), ARENA.scope():
+            engine.forward(good_x, weight, bias, good_y)
 
 
 def test_engine_choice():
