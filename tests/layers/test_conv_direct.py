@@ -3,7 +3,10 @@ kernels on the padded image) against direct loops, float64 and numerical gradien
 instruction set this CPU has."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from caffelite.blob import Blob
 from caffelite.layers import conv_direct, convolution, cpu_kernels, cpu_threads
 from caffelite.layers.im2col import ARENA, Geometry
 from layer_testing import check_gradient, run
@@ -56,6 +59,62 @@ def test_numerical_gradient(shape, params, direct):
                                 convolution_param=cp({**params, **FILLERS}))
     assert layer.direct is not None and len(layer.direct.parts) == min(2, shape[0])
     assert check_gradient(layer, bottom, top, step=0.25, rtol=1e-3, atol=1e-3, max_checks=40) > 0
+
+
+def _sums(x, w, pad):
+    """The convolution as one einsum over the padded input's windows (float64)."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, w.shape[2:], axis=(2, 3))
+    return np.einsum("nchwij,mcij->nmhw", windows, w.astype(np.float64))
+
+
+@st.composite
+def geometries(draw):
+    kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    h = draw(st.integers(max(1, kh - 2 * ph), 20))
+    w = draw(st.integers(max(1, kw - 2 * pw), 40))
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 5)), h, w), draw(st.integers(1, 9)), \
+        (kh, kw), (ph, pw)
+
+
+@settings(max_examples=30, deadline=None)
+@given(geometries())
+def test_any_geometry(case):
+    """Forward, dx and the weight and bias gradients of the kernels on random geometries (maps
+    of one block or several, short channel and tap blocks), with each vector width, against
+    float64 sums."""
+    widths = [bits for bits in (512, 256) if bits <= cpu_kernels.vector_bits()]
+    if not widths:
+        pytest.skip("no AVX2 or AVX-512 here (or the kernels are not built)")
+    shape, m, kernel, pad = case
+    rs = np.random.default_rng(sum(shape) + m)
+    x = rs.standard_normal(shape).astype(np.float32)
+    w = rs.standard_normal((m, shape[1]) + kernel).astype(np.float32)
+    b = rs.standard_normal(m).astype(np.float32)
+    dy = rs.standard_normal(_sums(x, w, pad).shape).astype(np.float32)
+    probe = rs.standard_normal(x.shape)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0],) * 2, (pad[1],) * 2))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=(2, 3))
+    engine = conv_direct.DirectConvolution(shape[0], shape[1], m, shape[2:],
+                                           Geometry(kernel, (1, 1), pad, (1, 1)))
+    try:
+        for bits in widths:
+            cpu_kernels.LIB.use_vector_bits(bits)
+            y, dx = np.empty(dy.shape, np.float32), np.empty_like(x)
+            weight, bias = Blob(w.shape, np.float32), Blob(b.shape, np.float32)
+            with ARENA.scope():
+                engine.forward(x, w, b, y)
+                engine.backward(x, w, dy, dx, weight, bias)
+            np.testing.assert_allclose(y, _sums(x, w, pad) + b[:, None, None], rtol=1e-4, atol=1e-4)
+            # dx is the forward's adjoint: <conv(probe), dy> = <probe, dx> for any probe.
+            np.testing.assert_allclose((probe * dx).sum(), (_sums(probe, w, pad) * dy).sum(),
+                                       rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(weight.cpu_diff(), np.einsum("nchwij,nmhw->mcij", windows, dy),
+                                       rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(bias.cpu_diff(), dy.sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-3)
+    finally:
+        cpu_kernels.LIB.use_vector_bits(1 << 10)   # (back to the widest)
 
 
 def test_two_bottoms(direct):
