@@ -2,11 +2,13 @@
 Caffe's loops, the NumPy passes and numerical gradients, in float32."""
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from caffelite.layers import cpu_kernels
 from caffelite.layers.base import TRAIN
 from layer_testing import check_gradient, run
-from test_pooling import CASES, pool_ref, pp
+from test_pooling import CASES, out_size, pool_ref, pp
 
 #: Rows wider than one vector of 16 outputs, with stride 2 and a pad.
 WIDE = ((2, 3, 35, 37), (3, 3), (2, 2), (1, 1), True)
@@ -86,3 +88,44 @@ def test_vectors_ties_padding_and_recompute(vectors):
     top[0].set_diff(np.ones(y.shape, np.float32))
     layer.backward(top, [True], bottom)
     assert bottom[0].cpu_diff()[0, 0, 1, 1] == 1 and bottom[0].cpu_diff().sum() == 4
+
+
+@st.composite
+def geometries(draw):
+    k = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    s = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    p = draw(st.integers(0, k[0] - 1)), draw(st.integers(0, k[1] - 1))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)),
+             draw(st.integers(k[0], 20)), draw(st.integers(k[1], 40)))
+    ceil_mode = draw(st.booleans())
+    # Every window reaches into the image (CEIL with a kernel below the stride may add one past
+    # it: Caffe gives that -FLT_MAX and mask -1, or 0 / 0 for AVE, and caffelite -inf).
+    assume(all((out_size(size, kk, ss, pp_, ceil_mode) - 1) * ss - pp_ < size
+               for size, kk, ss, pp_ in zip(shape[2:], k, s, p)))
+    return shape, k, s, p, ceil_mode, draw(st.sampled_from(["MAX", "AVE"]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometries())
+def test_any_geometry(case):
+    """Random windows, strides (AVE: the NumPy passes for horizontal strides above 2), pads and
+    rounding against Caffe's loops; AVE's gradient as the forward's adjoint."""
+    if cpu_kernels.vector_bits() != 512:
+        pytest.skip("no AVX-512 on this CPU (or the kernels are not built)")
+    shape, k, s, p, ceil_mode, method = case
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    layer, bottom, top, outs = _pool_float32(x, method, pp(k, s, p, round_mode="CEIL" if ceil_mode
+                                                           else "FLOOR"))
+    expected, mask = pool_ref(x.astype(np.float64), k, s, p, method, ceil_mode)
+    np.testing.assert_allclose(outs[0], expected, rtol=1e-5, atol=1e-6)
+    if method == "MAX":
+        np.testing.assert_array_equal(outs[1], mask)
+        return
+    # AVE's backward is its forward's adjoint: <ave(probe), dy> = <probe, dx> for any probe.
+    dy = np.random.default_rng(1).standard_normal(outs[0].shape).astype(np.float32)
+    top[0].set_diff(dy)
+    layer.backward(top, [True], bottom)
+    probe = np.random.default_rng(2).standard_normal(shape)
+    np.testing.assert_allclose((probe * bottom[0].cpu_diff()).sum(),
+                               (pool_ref(probe, k, s, p, "AVE", ceil_mode)[0] * dy).sum(),
+                               rtol=1e-4, atol=1e-4)
