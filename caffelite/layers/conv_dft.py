@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from . import cpu_kernels
 from .cpu_threads import run_parts, split
 from .im2col import ARENA, Workspace
 
@@ -215,6 +216,9 @@ class DFTConvolution:
         k = spec.shape[-1] // g
         for gi in range(g):
             xp.matmul(spec[..., gi * k:(gi + 1) * k], blocks[:, :, :, gi], out=z)
+            if xp is np and cpu_kernels.handles(z):   # (the passes below in one, compiled)
+                cpu_kernels.complex_combine(z, out, gi * out_ch, conj)
+                continue
             re, im = out[:, 0, ..., gi * out_ch:(gi + 1) * out_ch], out[:, 1, ..., gi * out_ch:(gi + 1) * out_ch]
             a_re, a_im = z[:, 0, ..., :out_ch], z[:, 0, ..., out_ch:]   # Re(spec) times [Br | Bi]
             b_re, b_im = z[:, 1, ..., :out_ch], z[:, 1, ..., out_ch:]   # Im(spec) times [Br | Bi]

@@ -1,11 +1,12 @@
 /* Compiled CPU loops for what NumPy cannot do in whole-array passes (see cpu_kernels.py):
- * MAX pooling backward, im2col / col2im for the columns convolution engine, and the SGD /
- * Nesterov steps in one pass.
+ * MAX pooling backward, im2col / col2im for the columns convolution engine, the SGD /
+ * Nesterov steps in one pass, and the DFT engine's complex products from their real parts.
  *
  * MAX pooling backward sends each output's gradient to its window's argmax: Caffe's own loop
  * (pooling_layer.cpp), one plane at a time, so a plane's sums stay in the cache. NumPy needs
- * a compare and a multiply-add over every plane per kernel offset for the same thing. (AVE
- * backward in C, separable or not, measured slower than the phased NumPy passes.) It takes
+ * a compare and a multiply-add over every plane per kernel offset for the same thing. (A
+ * scalar AVE backward measured slower than the phased NumPy passes; pool_avx512.c has a
+ * vector one.) It takes
  * planes [p0, p1) of (planes, H, W) inputs and (planes, Ho, Wo) outputs; the outputs (dy, the
  * argmax) are read through element strides, so a top, a phased grid or a batch-last buffer
  * serve alike. The input gradient dx is contiguous and overwritten.
@@ -165,3 +166,35 @@ SGD_UPDATE(sgd_update_f32, float)
 SGD_UPDATE(sgd_update_f64, double)
 NESTEROV_UPDATE(nesterov_update_f32, float)
 NESTEROV_UPDATE(nesterov_update_f64, double)
+
+/* The DFT convolution's complex products (conv_dft.py) from their four real parts in one
+ * pass: z holds, per row and entry, Re(a) times [Br | Bi] and Im(a) times [Br | Bi] (each
+ * 2 * cols wide); out = a B, or a conj(B) when `conj`, as re and im planes:
+ *     a B:        re = Re a Br - Im a Bi,  im = Re a Bi + Im a Br
+ *     a conj(B):  re = Re a Br + Im a Bi,  im = Im a Br - Re a Bi
+ * z: (rows, 2, entries, 2 * cols) contiguous; out: (rows, 2, entries, out_stride) with this
+ * group's cols from column 0 of `out` on. The same sums as the NumPy passes, bit for bit. */
+#define COMPLEX_COMBINE(NAME, T)                                                              \
+    void NAME(const T *z, T *out, int64_t rows, int64_t entries, int64_t cols,                \
+              int64_t out_stride, int conj) {                                                 \
+        for (int64_t r = 0; r < rows; ++r)                                                    \
+            for (int64_t e = 0; e < entries; ++e) {                                           \
+                const T *a = z + ((r * 2) * entries + e) * 2 * cols;                          \
+                const T *b = z + ((r * 2 + 1) * entries + e) * 2 * cols;                      \
+                T *re = out + ((r * 2) * entries + e) * out_stride;                           \
+                T *im = out + ((r * 2 + 1) * entries + e) * out_stride;                       \
+                if (conj)                                                                     \
+                    for (int64_t j = 0; j < cols; ++j) {                                      \
+                        re[j] = a[j] + b[cols + j];                                           \
+                        im[j] = b[j] - a[cols + j];                                           \
+                    }                                                                         \
+                else                                                                          \
+                    for (int64_t j = 0; j < cols; ++j) {                                      \
+                        re[j] = a[j] - b[cols + j];                                           \
+                        im[j] = a[cols + j] + b[j];                                           \
+                    }                                                                         \
+            }                                                                                 \
+    }
+
+COMPLEX_COMBINE(complex_combine_f32, float)
+COMPLEX_COMBINE(complex_combine_f64, double)

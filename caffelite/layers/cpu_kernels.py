@@ -4,7 +4,8 @@ Most CPU layers are whole-array NumPy passes and BLAS. A few loops do not fit
 that mould: MAX pooling backward sends every output's gradient to one pixel of
 its window (NumPy needs passes over all planes per kernel offset, or
 ``np.add.at``); im2col / col2im copy short rows between images and columns
-(conv_columns.py); a solver step is six or more NumPy passes over each parameter
+(conv_columns.py); a solver step is six or more NumPy passes over each parameter,
+and the DFT engine's complex products four passes over their real parts
 (cpu_kernels.c). A stride-1 convolution straight on the padded image
 (conv_direct.c: AVX-512 or AVX2) and MAX and AVE pooling (pool_avx512.c) are
 vector kernels, used where the CPU has those instructions (cpu_vectors.c). Each
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 import os
 from pathlib import Path
 
@@ -184,6 +186,23 @@ def col2im(col, dx, items, col_strides, shape) -> None:
     """The adjoint of ``im2col``: images [b0, b1) of dx (n, C, H, W) = the column entries
     summed back at their pixels (overwritten)."""
     _columns_call("col2im", dx, col, items, col_strides, shape)
+
+
+def complex_combine(z, out, column, conj: bool) -> None:
+    """The DFT engine's complex products from their real parts (cpu_kernels.c): z (rows, 2,
+    ..., 2 * cols) contiguous, into columns [column, column + cols) of out (rows, 2, ...,
+    width), whose leading axes match z's."""
+    cols = z.shape[-1] // 2
+    if not (z.dtype == out.dtype and z.flags.c_contiguous and out.flags.c_contiguous
+            and z.shape[:-1] == out.shape[:-1] and z.shape[1] == 2 and z.shape[-1] == 2 * cols
+            and 0 <= column and column + cols <= out.shape[-1]):
+        raise ValueError(f"complex_combine: z {z.shape} {z.dtype} does not fit columns "
+                         f"{column}..{column + cols} of {out.shape} {out.dtype} (both contiguous)")
+    entries = math.prod(z.shape[2:-1])
+    getattr(LIB, f"complex_combine_{_TYPES[z.dtype]}")(
+        _ptr(z), ctypes.c_void_p(out.ctypes.data + column * out.itemsize), ctypes.c_int64(len(z)),
+        ctypes.c_int64(entries), ctypes.c_int64(cols), ctypes.c_int64(out.shape[-1]),
+        ctypes.c_int(int(conj)))
 
 
 def momentum_update(kind, momentum, rate, decay, w, history, diff) -> None:

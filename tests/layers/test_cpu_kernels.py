@@ -152,3 +152,24 @@ def test_momentum_update_refuses_mismatched_arrays():
         cpu_kernels.momentum_update("sgd", 0.9, 0.1, 0.0, w, h, np.zeros(4))
     with pytest.raises(ValueError, match="one size and element type"):
         cpu_kernels.momentum_update("sgd", 0.9, 0.1, 0.0, w, h, np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("conj", [False, True])
+def test_complex_combine_matches_the_numpy_passes(dtype, conj):
+    """The DFT engine's complex products from their real parts, into one group's columns of a
+    wider output, bit for bit as conv_dft.py's NumPy passes (other columns untouched)."""
+    rs = np.random.default_rng(5)
+    cols, width, column = 3, 8, 4
+    z = rs.standard_normal((4, 2, 5, 6, 2 * cols)).astype(dtype)
+    out = rs.standard_normal((4, 2, 5, 6, width)).astype(dtype)
+    before = out.copy()
+    cpu_kernels.complex_combine(z, out, column, conj)
+    a_re, a_im, b_re, b_im = z[:, 0, ..., :cols], z[:, 0, ..., cols:], z[:, 1, ..., :cols], z[:, 1, ..., cols:]
+    expected = (a_re + b_im, b_re - a_im) if conj else (a_re - b_im, a_im + b_re)
+    np.testing.assert_array_equal(out[:, 0, ..., column:column + cols], expected[0])
+    np.testing.assert_array_equal(out[:, 1, ..., column:column + cols], expected[1])
+    np.testing.assert_array_equal(np.delete(out, np.s_[column:column + cols], axis=-1),
+                                  np.delete(before, np.s_[column:column + cols], axis=-1))
+    with pytest.raises(ValueError, match="complex_combine"):
+        cpu_kernels.complex_combine(z, out, width - 1, conj)   # past the output's columns
