@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 import time
@@ -556,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"caffelite {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # the output's reader is gone (`| head`): quiet, as Unix tools
+        _drop_stdout()
+        return 141
     except MemoryError as exc:
         if args.debug:
             raise
@@ -569,6 +573,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"caffelite {args.command}: internal error: {type(exc).__name__}: {exc} "
               f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush finds no broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # (a stdout without a file descriptor)
+        pass
 
 
 if __name__ == "__main__":

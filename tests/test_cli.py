@@ -77,6 +77,16 @@ def test_device_query_without_gpu(capsys):
     assert "CPU kernels: compiled" in out
 
 
+def test_a_closed_pipe_ends_quietly():
+    """`caffelite device_query | head -1`: the reader leaves early; exit 141, no message."""
+    proc = subprocess.Popen([sys.executable, "-m", "caffelite", "device_query"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()   # (the reader is gone before anything is written)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 GOOD = """name: t
 layer:
   - {name: data, type: Input, top: [x], input_param: {shape: {dim: [2, 3]}}}
