@@ -19,7 +19,8 @@
 The speed ratio is caffelite's speed over PyTorch's (> 1: caffelite is
 faster), of the medians (what the goals are judged on) and, as "paired", the
 median of each repetition's own ratio (its two runs are seconds apart, so a
-drift in the machine's speed between repetitions cancels); goals: LeNet and CIFAR-10 >= 1.2, AlexNet >= 1.0, memory <= PyTorch's.
+drift in the machine's speed between repetitions cancels); goals: LeNet and
+CIFAR-10 >= 1.2, AlexNet >= 1.0, memory <= PyTorch's.
 Where a speed goal is missed, caffelite's per-layer times follow.
 """
 from __future__ import annotations

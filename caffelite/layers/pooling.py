@@ -379,8 +379,8 @@ class PoolingLayer(Layer):
         """MAX pooling of x into the top y (None: only the argmax); with ``want_index`` the
         argmax offsets too."""
         if self.vectors:   # (the kernel writes the argmax whether wanted or not)
-            out, index = y if y is not None else self._scratch("recompute", x.dtype), self._index_buffer()
-            geom = self.kernel_geometry
+            out = y if y is not None else self._scratch("recompute", x.dtype)
+            index, geom = self._index_buffer(), self.kernel_geometry
             run_parts(lambda part: cpu_kernels.max_forward(x, out, index, part, geom), self.parts)
             self._index_ready = True
             return

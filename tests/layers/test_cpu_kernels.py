@@ -165,7 +165,7 @@ def test_complex_combine_matches_the_numpy_passes(dtype, conj):
     out = rs.standard_normal((4, 2, 5, 6, width)).astype(dtype)
     before = out.copy()
     cpu_kernels.complex_combine(z, out, column, conj)
-    a_re, a_im, b_re, b_im = z[:, 0, ..., :cols], z[:, 0, ..., cols:], z[:, 1, ..., :cols], z[:, 1, ..., cols:]
+    (a_re, a_im), (b_re, b_im) = ((z[:, i, ..., :cols], z[:, i, ..., cols:]) for i in (0, 1))
     expected = (a_re + b_im, b_re - a_im) if conj else (a_re - b_im, a_im + b_re)
     np.testing.assert_array_equal(out[:, 0, ..., column:column + cols], expected[0])
     np.testing.assert_array_equal(out[:, 1, ..., column:column + cols], expected[1])
