@@ -3,9 +3,11 @@
  * 2 two vectors' even pixels; larger strides gather, which costs more).
  *
  * MAX forward writes the top and each output's argmax kernel offset (row-major in its
- * window), which the compiled backward (cpu_kernels.c) and the mask top read. Caffe's rule: the first strictly greater value in window order wins, padding never does
- * (a window of nothing but -inf keeps offset 0, which may lie in the padding): pixels outside
- * the image load as -inf.
+ * window), which the compiled backward (cpu_kernels.c) and the mask top read. Caffe's rule:
+ * the first strictly greater value in window order wins, padding never does (a window of
+ * nothing but -inf keeps offset 0, which may lie in the padding): pixels outside the image
+ * load as -inf. A NaN never wins either, as in Caffe (the NumPy passes' maximum lets it
+ * through to the top).
  * AVE forward sums the window's pixels in kernel order (outside ones load as 0) and divides
  * by the pool size per output (Caffe's, from the caller): the NumPy passes' sums and quotients,
  * bit for bit. AVE backward (strides 1 and 2) adds dy / pool size into every pixel of each
