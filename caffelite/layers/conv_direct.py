@@ -17,7 +17,6 @@ LeNet's conv1: 0.89 and 0.82; 8x8 maps with 5x5 kernels: 0.5).
 """
 from __future__ import annotations
 
-import ctypes
 import math
 
 import numpy as np
@@ -28,8 +27,6 @@ from .im2col import ARENA, Geometry
 
 #: The kernels' rows are computed in blocks of this many pixels (the largest FV x VL).
 BLOCK = 64
-#: The forward kernel's wide rows per part: its FO output channels (at most 4).
-FORWARD_ROWS = 4
 #: Taken where at least this share of the pixels the kernels compute are output pixels.
 #: Measured on 2 cores (forward / weight gradient ms, columns engine -> direct): CIFAR-10
 #: conv1 7.4 / 10.9 -> 4.2 / 4.0, LeNet conv1 0.83 / 0.66 -> 0.45 / 0.51; forward / backward
@@ -77,29 +74,12 @@ def worth_it(channels: int, in_spatial: tuple, geometry: Geometry) -> bool:
     return plan.useful >= MIN_USEFUL
 
 
-def _p(array):
-    return ctypes.c_void_p(array.ctypes.data) if array is not None else None
-
-
-def _check(plan, n, x, y, weight=None, bias=None) -> None:
-    """What C would not check: x (n, C, H, W) and y (n, M, Ho, Wo) as the plan has them,
-    contiguous float32, and the weights (M * taps) and bias (M) as large as it reads."""
-    c, h, w, m, ho, wo = (int(v) for v in plan.shape[:6])
-    if not (x.shape == (n, c, h, w) and y.shape == (n, m, ho, wo)
-            and all(a.flags.c_contiguous and a.dtype == np.float32 for a in (x, y))
-            and (weight is None or weight.size == m * plan.taps.size)
-            and (bias is None or bias.size == m)):
-        raise ValueError(f"direct convolution: {x.shape} {x.dtype} -> {y.shape} {y.dtype} are not "
-                         f"contiguous float32 arrays ({n}, {c}, {h}, {w}) -> ({n}, {m}, {ho}, {wo}), "
-                         f"or the weights or bias do not fit")
-
-
 class DirectConvolution:
     """The direct engine for one layer and one input geometry (see the module doc)."""
 
     def __init__(self, n: int, c: int, m: int, in_spatial: tuple, geometry: Geometry):
         g = geometry
-        self.n, self.c, self.m = n, c, m
+        self.m = m
         self.forward_plan = _Plan(c, in_spatial, m, g.kernel, g.pad)
         out = g.conv_out(in_spatial)
         flipped = tuple(k - 1 - p for k, p in zip(g.kernel, g.pad))
@@ -110,43 +90,34 @@ class DirectConvolution:
 
     def forward(self, x, weight, bias, y) -> None:
         """y (N, M, Ho, Wo) = conv(x (N, C, H, W)) + bias (or None)."""
-        self._forward(self.forward_plan, x, np.ascontiguousarray(weight, np.float32), bias, y)
+        self._forward(self.forward_plan, x, weight, bias, y)
 
     def _forward(self, plan, x, weight, bias, y) -> None:
+        weight = np.ascontiguousarray(weight, np.float32)
         bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
-        _check(plan, self.n, x, y, weight, bias)
-        fn = cpu_kernels.LIB.direct_forward_f32
         parts = self.parts
         with ARENA.scope():
-            scratch = ARENA.get((len(parts), plan.scratch(FORWARD_ROWS)), np.float32)
-
-            def part(k):
-                fn(_p(x), _p(weight), _p(bias), _p(plan.taps), _p(plan.shape), _p(y),
-                   _p(scratch[k]), ctypes.c_int64(parts[k][0]), ctypes.c_int64(parts[k][1]))
-            run_parts(part, range(len(parts)))
+            scratch = ARENA.get((len(parts), plan.scratch(cpu_kernels.DIRECT_FORWARD_ROWS)),
+                                np.float32)
+            run_parts(lambda k: cpu_kernels.direct_forward(
+                x, weight, bias, plan.taps, plan.shape, y, scratch[k], parts[k]), range(len(parts)))
 
     def backward(self, x, weight, dy, dx, weight_blob, bias_blob) -> None:
         """dx (or None) = conv^T(dy); the weight and bias blobs' diffs += their gradients
         (each unless None; the kernel computes both whenever either is wanted)."""
         if dx is not None:
             # W[o, c, ky, kx] -> Wt[c, o, KH-1-ky, KW-1-kx]: dx is a forward over dy.
-            flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].swapaxes(0, 1), np.float32)
-            self._forward(self.dx_plan, dy, flipped, None, dx)
+            self._forward(self.dx_plan, dy, weight[:, :, ::-1, ::-1].swapaxes(0, 1), None, dx)
         if weight_blob is None and bias_blob is None:
             return
         plan, parts = self.forward_plan, self.parts
-        _check(plan, self.n, x, dy)
-        fn = cpu_kernels.LIB.direct_weight_grad_f32
         with ARENA.scope():
             scratch = ARENA.get((len(parts), plan.scratch(self.m)), np.float32)
             dw = ARENA.get((len(parts), self.m, plan.taps.size), np.float32, fill=0)
             db = ARENA.get((len(parts), self.m), np.float32, fill=0) if bias_blob else None
-
-            def part(k):
-                fn(_p(x), _p(dy), _p(plan.taps), _p(plan.shape), _p(dw[k]),
-                   _p(db[k]) if db is not None else None, _p(scratch[k]),
-                   ctypes.c_int64(parts[k][0]), ctypes.c_int64(parts[k][1]))
-            run_parts(part, range(len(parts)))
+            run_parts(lambda k: cpu_kernels.direct_weight_grad(
+                x, dy, plan.taps, plan.shape, dw[k], None if db is None else db[k], scratch[k],
+                parts[k]), range(len(parts)))
             if weight_blob is not None:
                 weight_blob.add_to_diff(dw.sum(axis=0).reshape(weight_blob.shape))
             if db is not None:

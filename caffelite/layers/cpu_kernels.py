@@ -72,7 +72,7 @@ def handles(*arrays) -> bool:
 
 
 def _ptr(array):
-    return ctypes.c_void_p(array.ctypes.data)
+    return ctypes.c_void_p(array.ctypes.data) if array is not None else None
 
 
 def _strides(array):
@@ -186,6 +186,54 @@ def col2im(col, dx, items, col_strides, shape) -> None:
     """The adjoint of ``im2col``: images [b0, b1) of dx (n, C, H, W) = the column entries
     summed back at their pixels (overwritten)."""
     _columns_call("col2im", dx, col, items, col_strides, shape)
+
+
+#: The direct forward kernel's wide output rows per part: its register block's output channels
+#: (FO in conv_direct.c: 4 for AVX-512, 3 for AVX2).
+DIRECT_FORWARD_ROWS = 4
+
+
+def _check_direct(name, x, y, taps, shape, scratch, rows, items, **sized) -> None:
+    """What C would not check for the direct convolution kernels (conv_direct.c): x (n, C, H, W)
+    and y (n, M, Ho, Wo) as ``shape`` has them, the items in range, the taps and scratch (the
+    padded planes and ``rows`` wide rows) large enough, and each of ``sized`` (name: (array or
+    None, its element count)) of that size; every array contiguous, float32 (taps int64)."""
+    c, h, w, m, ho, wo = (int(v) for v in shape[:6])
+    k, padded, wide = (int(shape[i]) for i in (8, 10, 11))
+    arrays = [x, y, scratch] + [a for a, _ in sized.values() if a is not None]
+    if not (x.shape[1:] == (c, h, w) and y.shape[1:] == (m, ho, wo) and len(x) == len(y)
+            and 0 <= items[0] <= items[1] <= len(x) and vector_bits() > 0
+            and taps.shape == (k,) and taps.dtype == np.int64 and taps.flags.c_contiguous
+            and scratch.size >= padded + rows * wide
+            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+            and all(a is None or a.size == size for a, size in sized.values())):
+        parts = ", ".join(f"{key} {None if a is None else a.shape}" for key, (a, _) in sized.items())
+        raise ValueError(f"{name}: x {x.shape} {x.dtype}, y {y.shape} {y.dtype}, {parts} and "
+                         f"scratch {scratch.size} do not fit ({c}, {h}, {w}) -> ({m}, {ho}, {wo}) "
+                         f"with {k} taps for items {tuple(items)} (contiguous float32 arrays; "
+                         f"AVX2 or AVX-512)")
+
+
+def direct_forward(x, weight, bias, taps, shape, y, scratch, items) -> None:
+    """y[n] = bias + the direct convolution of x[n] (conv_direct.c) for items [n0, n1):
+    ``taps`` and ``shape`` from conv_direct.py's plan, weight (M, taps), bias (M) or None,
+    scratch for the padded planes and DIRECT_FORWARD_ROWS wide rows."""
+    m, k = int(shape[3]), int(shape[8])
+    _check_direct("direct_forward", x, y, taps, shape, scratch, DIRECT_FORWARD_ROWS, items,
+                  weight=(weight, m * k), bias=(bias, m))
+    LIB.direct_forward_f32(_ptr(x), _ptr(weight), _ptr(bias), _i64(taps), _i64(shape), _ptr(y),
+                           _ptr(scratch), ctypes.c_int64(items[0]), ctypes.c_int64(items[1]))
+
+
+def direct_weight_grad(x, dy, taps, shape, dw, db, scratch, items) -> None:
+    """dw (M, taps) += the weight gradient and db (M, or None) += the bias gradient of the
+    direct convolution for items [n0, n1) (conv_direct.c); scratch for the padded planes and
+    M wide rows."""
+    m, k = int(shape[3]), int(shape[8])
+    _check_direct("direct_weight_grad", x, dy, taps, shape, scratch, m, items,
+                  dw=(dw, m * k), db=(db, m))
+    LIB.direct_weight_grad_f32(_ptr(x), _ptr(dy), _i64(taps), _i64(shape), _ptr(dw), _ptr(db),
+                               _ptr(scratch), ctypes.c_int64(items[0]), ctypes.c_int64(items[1]))
 
 
 def complex_combine(z, out, column, conj: bool) -> None:

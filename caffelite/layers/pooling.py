@@ -380,8 +380,7 @@ class PoolingLayer(Layer):
         argmax offsets too."""
         if self.vectors:   # (the kernel writes the argmax whether wanted or not)
             out = y if y is not None else self._scratch("recompute", x.dtype)
-            index, geom = self._index_buffer(), self.kernel_geometry
-            run_parts(lambda part: cpu_kernels.max_forward(x, out, index, part, geom), self.parts)
+            self._compiled(cpu_kernels.max_forward, x, out, self._index_buffer())
             self._index_ready = True
             return
         index = self._index_buffer() if want_index else None
@@ -450,8 +449,7 @@ class PoolingLayer(Layer):
         """AVE pooling of x into the top y."""
         divisor = self._divisor_array(y.dtype)
         if self.vectors:
-            geom = self.kernel_geometry
-            run_parts(lambda part: cpu_kernels.ave_forward(x, y, divisor, part, geom), self.parts)
+            self._compiled(cpu_kernels.ave_forward, x, y, divisor)
             return
         if not self.phased:
             out = self._output(y)
@@ -568,8 +566,7 @@ class PoolingLayer(Layer):
             self._backward_compiled(dy, dx)
             return
         if self.vectors:   # (AVE)
-            divisor, geom = self._divisor_array(dy.dtype), self.kernel_geometry
-            run_parts(lambda part: cpu_kernels.ave_backward(dy, dx, divisor, part, geom), self.parts)
+            self._compiled(cpu_kernels.ave_backward, dy, dx, self._divisor_array(dy.dtype))
             return
         divisor = self._divisor_array(dy.dtype) if self.method == AVE else None
         if self.phased:
@@ -589,9 +586,12 @@ class PoolingLayer(Layer):
         """Caffe's backward loop, compiled (cpu_kernels.c): each output's gradient to its
         argmax (MAX) or sampled pixel (STOCHASTIC), in parts of the planes."""
         index = self._index_buffer()
-        index = self._crop(index) if self.phased else index
+        self._compiled(cpu_kernels.max_backward, dy, self._crop(index) if self.phased else index, dx)
+
+    def _compiled(self, kernel, *arrays) -> None:
+        """kernel(*arrays, planes, geometry) of cpu_kernels.py, for each part of the planes at once."""
         geom = self.kernel_geometry
-        run_parts(lambda part: cpu_kernels.max_backward(dy, index, dx, part, geom), self.parts)
+        run_parts(lambda part: kernel(*arrays, part, geom), self.parts)
 
     def _adder(self, share, grad=None, index=None, hit=None):
         """add(i, window): kernel offset i's gradient into its window of the accumulator. AVE:

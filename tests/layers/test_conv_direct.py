@@ -137,16 +137,28 @@ def test_weight_or_bias_gradient_alone(frozen, direct):
 
 
 def test_wrong_arrays_are_refused(direct):
+    """The kernels' wrappers refuse what C would read out of bounds or misread."""
     engine = conv_direct.DirectConvolution(2, 3, 4, (8, 8), Geometry((3, 3), (1, 1), (1, 1), (1, 1)))
     w = np.zeros((4, 3, 3, 3), np.float32)
     good_x, good_y = np.zeros((2, 3, 8, 8), np.float32), np.zeros((2, 4, 8, 8), np.float32)
     for x, y in ((good_x.astype(np.float64), good_y), (good_x[:1], good_y[:1]),
                  (good_x, good_y[:, :, :, :7]), (good_x[:, :, :, ::-1], good_y)):
-        with pytest.raises(ValueError, match="direct convolution"), ARENA.scope():
+        with pytest.raises(ValueError, match="direct_forward"), ARENA.scope():
             engine.forward(x, w, None, y)
     for weight, bias in ((w[:3], None), (w, np.zeros(3, np.float32))):   # too few for C to read
-        with pytest.raises(ValueError, match="weights or bias"), ARENA.scope():
+        with pytest.raises(ValueError, match="direct_forward"), ARENA.scope():
             engine.forward(good_x, weight, bias, good_y)
+    plan = engine.forward_plan
+    dw, db = np.zeros((4, 27), np.float32), np.zeros(4, np.float32)
+    small = np.zeros(plan.scratch(4) - 1, np.float32)   # the weight gradient needs M = 4 wide rows
+    for args in ((good_x, good_y, plan.taps, plan.shape, dw, db, small, (0, 2)),
+                 (good_x, good_y, plan.taps, plan.shape, dw[:3], db, small, (0, 2)),
+                 (good_x, good_y, plan.taps[:-1], plan.shape, dw, db, np.zeros(10 ** 5, np.float32),
+                  (0, 2)),
+                 (good_x, good_y, plan.taps, plan.shape, dw, db, np.zeros(10 ** 5, np.float32),
+                  (1, 3))):
+        with pytest.raises(ValueError, match="direct_weight_grad"):
+            cpu_kernels.direct_weight_grad(*args)
 
 
 def test_engine_choice():
