@@ -46,6 +46,7 @@ static void pad_planes(const float *x, const int64_t *s, float *padded) {
 #define VADD _mm512_add_ps
 #define VFMA _mm512_fmadd_ps
 #define VSUM _mm512_reduce_add_ps
+#define KEEP(v) ((void)0)
 #define FO 4
 #define FV 4
 #define GO 4
@@ -61,6 +62,7 @@ static void pad_planes(const float *x, const int64_t *s, float *padded) {
 #undef VADD
 #undef VFMA
 #undef VSUM
+#undef KEEP
 #undef FO
 #undef FV
 #undef GO
@@ -82,6 +84,8 @@ static inline TARGET float sum_avx2(__m256 v) {
 #define VADD _mm256_add_ps
 #define VFMA _mm256_fmadd_ps
 #define VSUM sum_avx2
+/* (with 16 registers GCC would rather load a tap's pixels once per FMA: twice the loads) */
+#define KEEP(v) __asm__("" : "+x"(v))
 #define FO 3
 #define FV 4
 #define GO 2

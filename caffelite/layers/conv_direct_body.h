@@ -1,6 +1,7 @@
 /* The direct convolution kernels' body, included once per instruction set by conv_direct.c,
  * which defines first: TARGET (the function attribute), NAME(x) (the suffixed name), VL (floats
- * per vector), VEC and the V* operations, and the register blocking: FO output channels by FV
+ * per vector), VEC and the V* operations, KEEP(v) (keeps v in a register rather than let the
+ * compiler load it again into each FMA), and the register blocking: FO output channels by FV
  * vectors of pixels (forward), GO output channels by GT taps (weight gradient). */
 
 /* The forward (also dx: see conv_direct.c): y[n, o] = bias[o] + sum over taps t of
@@ -95,7 +96,8 @@ static TARGET void NAME(weight_grad)(const float *x, const float *dy, const int6
                     for (int j = 0; j < GO; ++j) g[j] = VLOAD(d[j] + i);
 #pragma GCC unroll 8
                     for (int u = 0; u < GT; ++u) {
-                        const VEC a = VLOAD(p[u] + i);
+                        VEC a = VLOAD(p[u] + i);
+                        KEEP(a);
 #pragma GCC unroll 8
                         for (int j = 0; j < GO; ++j) acc[j][u] = VFMA(g[j], a, acc[j][u]);
                     }
