@@ -46,16 +46,20 @@ def available(dtype, geometry: Geometry, group: int) -> bool:
             and all(p < k for p, k in zip(g.pad, g.kernel)) and cpu_kernels.vector_bits() > 0)
 
 
+def _rows(in_spatial: tuple, kernel: tuple, pad: tuple) -> tuple[int, int, int, int]:
+    """(Ho, Wo, Wp, the wide rows' length): Ho rows Wp wide, rounded up to whole blocks."""
+    (h, w), (kh, kw), (ph, pw) = in_spatial, kernel, pad
+    ho, wo, wp = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1, w + 2 * pw
+    return ho, wo, wp, -(-ho * wp // BLOCK) * BLOCK
+
+
 class _Plan:
     """One kernel call's shape array, tap offsets and scratch size (see conv_direct.c)."""
 
     def __init__(self, channels: int, in_spatial: tuple, outputs: int, kernel: tuple, pad: tuple):
         (h, w), (kh, kw), (ph, pw) = in_spatial, kernel, pad
-        ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
-        wp = w + 2 * pw
+        ho, wo, wp, self.wide = _rows(in_spatial, kernel, pad)
         plane = (h + 2 * ph) * wp
-        self.wide = -(-ho * wp // BLOCK) * BLOCK
-        self.useful = ho * wo / self.wide
         # The last block reads up to (wide - ho * wp) + kw - 1 past the last plane.
         padded = channels * plane + self.wide - ho * wp + kw
         self.shape = np.array((channels, h, w, outputs, ho, wo, ph, pw, channels * kh * kw, wp,
@@ -69,9 +73,10 @@ class _Plan:
         return self.padded + rows * self.wide
 
 
-def worth_it(channels: int, in_spatial: tuple, geometry: Geometry) -> bool:
-    plan = _Plan(channels, in_spatial, 1, geometry.kernel, geometry.pad)
-    return plan.useful >= MIN_USEFUL
+def worth_it(in_spatial: tuple, geometry: Geometry) -> bool:
+    """Whether at least MIN_USEFUL of the pixels the kernels compute are output pixels."""
+    ho, wo, _, wide = _rows(in_spatial, geometry.kernel, geometry.pad)
+    return ho * wo >= MIN_USEFUL * wide
 
 
 class DirectConvolution:

@@ -202,7 +202,7 @@ class _ConvolutionBase(Layer):
                 or im2col.FORCE_LAYOUT is not None
                 or not conv_direct.available(self.dtype, g, self.group)):
             return None
-        if FORCE_ENGINE != "direct" and not conv_direct.worth_it(self.channels, self.in_spatial, g):
+        if FORCE_ENGINE != "direct" and not conv_direct.worth_it(self.in_spatial, g):
             return None
         key = (self.num, self.channels, self.num_output, self.in_spatial, g)
         return self._kept("direct", key, lambda: conv_direct.DirectConvolution(*key))

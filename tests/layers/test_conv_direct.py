@@ -167,9 +167,9 @@ def test_engine_choice():
     kernels, float64, or a pad as large as the kernel."""
     def geometry(k, s=1, p=0, d=1):
         return Geometry((k, k), (s, s), (p, p), (d, d))
-    assert conv_direct.worth_it(3, (32, 32), geometry(5, p=2))      # CIFAR-10 conv1
-    assert conv_direct.worth_it(1, (28, 28), geometry(5))           # LeNet conv1
-    assert not conv_direct.worth_it(20, (12, 12), geometry(5))      # LeNet conv2
+    assert conv_direct.worth_it((32, 32), geometry(5, p=2))      # CIFAR-10 conv1
+    assert conv_direct.worth_it((28, 28), geometry(5))           # LeNet conv1
+    assert not conv_direct.worth_it((12, 12), geometry(5))      # LeNet conv2
     if cpu_kernels.vector_bits():
         assert conv_direct.available(np.float32, geometry(5, p=2), 1)
     for dtype, g, group in ((np.float64, geometry(5), 1), (np.float32, geometry(5, s=2), 1),
